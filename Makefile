@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make run` (the main job) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REPOSITORY ?= model_repository
+DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
+
+.PHONY: setup run test lint bootstrap clean
+
+# torch and torchvision go through pip on their own, pinned: pip takes them from this
+# machine's disk; the rest of the project installs with its train and dev extras.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Builds the default model (synthetic data, a short CPU training run, export) only when the
+# repository has none, then serves on :8000.
+run: setup
+	$(VENV)/bin/segserve bootstrap --repository $(REPOSITORY)
+	$(VENV)/bin/segserve serve --repository $(REPOSITORY) --host 0.0.0.0 --port 8000
+
+bootstrap: setup
+	$(VENV)/bin/segserve bootstrap --repository $(REPOSITORY)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,50 @@
+"""The networks: FCN-32s/16s/8s on VGG16 and U-Net, built by name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.fcn import FCN, fcn_from_coarser
+from models.unet import UNet
+from models.vgg import PretrainedWeightsUnavailable, convolutionalize_vgg16, load_vgg16_state_dict
+
+MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s", "unet")
+FCN_STRIDES = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8}
+
+
+def build_model(name: str, num_classes: int, **opts) -> nn.Module:
+    """Build a network by name.
+
+    FCN options: `backbone_weights` = None | "imagenet" | path of a VGG16 state dict.
+    U-Net options: `width` (64 = the paper), `batch_norm`.
+    """
+    if name in FCN_STRIDES:
+        unknown = set(opts) - {"backbone_weights"}
+        if unknown:
+            raise TypeError(f"{name} takes no options {sorted(unknown)}")
+        model = FCN(num_classes, FCN_STRIDES[name])
+        if opts.get("backbone_weights"):
+            convolutionalize_vgg16(model, load_vgg16_state_dict(opts["backbone_weights"]))
+        return model
+    if name == "unet":
+        return UNet(
+            num_classes, width=opts.get("width", 64), batch_norm=opts.get("batch_norm", False)
+        )
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+
+
+def size_divisor(model: nn.Module) -> int:
+    """The stride an input is padded to when batching without changing what the net sees."""
+    return 32 if isinstance(model, FCN) else UNet.size_divisor
+
+
+__all__ = [
+    "FCN",
+    "MODEL_NAMES",
+    "PretrainedWeightsUnavailable",
+    "UNet",
+    "build_model",
+    "convolutionalize_vgg16",
+    "fcn_from_coarser",
+    "size_divisor",
+]

@@ -1,0 +1,181 @@
+"""The `segserve` command. Each subcommand imports its part only when run, so `serve`
+and `predict` work where torch is not installed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s", "unet")  # models.MODEL_NAMES, without importing torch
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", required=True, help="VOC-layout folder (segserve data synth makes one)"
+    )
+    p.add_argument("--model", required=True, choices=MODEL_NAMES)
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="run folder: last.pt, best.pt, metrics.csv, config.json",
+    )
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--crop-size", type=int, default=256, help="square training crop (padded with ignore)"
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=(0.5, 2.0),
+        metavar=("LOW", "HIGH"),
+        help="random scale range",
+    )
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.01 for sgd, 0.001 for adamw")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--poly-power", type=float, default=0.9, help="lr = base * (1 - it/total) ** power"
+    )
+    p.add_argument(
+        "--width", type=int, default=64, help="U-Net width (64 = the paper; 16 or 8 on a CPU)"
+    )
+    p.add_argument("--batch-norm", action="store_true", help="U-Net: batch norm after each conv")
+    p.add_argument(
+        "--backbone-weights",
+        default=None,
+        help="FCN: 'imagenet' (torchvision) or a VGG16 state-dict file",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="staged FCN: a trained coarser FCN checkpoint (32s -> 16s -> 8s)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last.pt"
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mixed precision (CUDA only)",
+    )
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-train-images", type=int, default=None, help="use only the first N training images"
+    )
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="VOC-layout folder")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--split", default="val")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from training.synth import SynthConfig, write_dataset
+
+    config = SynthConfig(
+        count=args.count,
+        seed=args.seed,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        val_fraction=args.val_fraction,
+    )
+    summary = write_dataset(args.out, config, progress=True)
+    print(
+        f"\n{'split':<12}{'images':>8}\n{'train':<12}{summary['train']:>8}\n{'val':<12}{summary['val']:>8}"
+    )
+    print(f"\n{'class':<12}{'pixels':>8}")
+    for name, frac in summary["class_fraction"].items():
+        print(f"{name:<12}{frac:>8.1%}")
+    print(f"\nwrote {args.out} (VOC layout, classes.json beside it)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    row = train(args)
+    if row:
+        print(f"\n{'epochs':<16}{row['epoch']:>10}")
+        for key in (
+            "train_loss",
+            "val_loss",
+            "pixel_accuracy",
+            "mean_accuracy",
+            "mean_iu",
+            "fw_iu",
+            "images_per_s",
+        ):
+            print(f"{key:<16}{row[key]:>10.4f}")
+        print(f"\nrun folder: {args.out} (best.pt, last.pt, metrics.csv, config.json)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.evaluate import run_eval
+
+    run_eval(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segserve", description=__doc__, formatter_class=_Formatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data sets", formatter_class=_Formatter)
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser(
+        "synth", help="write a synthetic VOC-layout data set", formatter_class=_Formatter
+    )
+    synth.add_argument("--out", required=True, type=Path)
+    synth.add_argument("--count", required=True, type=int)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--min-size", type=int, default=160)
+    synth.add_argument("--max-size", type=int, default=512)
+    synth.add_argument("--val-fraction", type=float, default=0.2)
+    synth.set_defaults(func=_data_synth)
+
+    train = sub.add_parser(
+        "train", help="train FCN-32s/16s/8s or U-Net", formatter_class=_Formatter
+    )
+    add_train_args(train)
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser(
+        "eval", help="the four metrics of a checkpoint on a split", formatter_class=_Formatter
+    )
+    add_eval_args(evaluate)
+    evaluate.set_defaults(func=_eval)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

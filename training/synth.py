@@ -1,0 +1,229 @@
+"""A synthetic segmentation data set in PASCAL VOC layout, deterministic by seed.
+
+Eight object classes plus background. A class is its shape (and, weakly, its texture):
+every class draws its colours from the same range and shares textures with others, so
+colour alone never decides the class. Objects come in many sizes, occlude each other,
+some have thin parts (rings, crosses, bars) and fine boundaries, and a 255 "ignore" band
+runs along every object border as in VOC's annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from service.palette import pil_palette, voc_palette
+
+SYNTH_CLASSES = (
+    "background", "disc", "ring", "square", "triangle", "star", "cross", "bar", "hexagon",
+)  # fmt: skip
+TEXTURES = ("solid", "stripes", "checker", "dots", "noise")
+# Each class may wear two textures and every texture is worn by several classes.
+CLASS_TEXTURES = {
+    "disc": ("solid", "noise"),
+    "ring": ("solid", "stripes"),
+    "square": ("checker", "solid"),
+    "triangle": ("stripes", "noise"),
+    "star": ("dots", "solid"),
+    "cross": ("noise", "checker"),
+    "bar": ("stripes", "dots"),
+    "hexagon": ("dots", "checker"),
+}
+IGNORE = 255
+IGNORE_BAND = 5  # px: VOC's border band is about 5 px wide
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    count: int
+    seed: int = 0
+    min_size: int = 160
+    max_size: int = 512
+    val_fraction: float = 0.2
+    max_objects: int = 8
+
+
+def _random_color(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, size=3).astype(np.float32)
+
+
+def _coarse_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Smooth noise in 0..1: a small random grid upsampled bilinearly."""
+    small = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
+    return np.asarray(small.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+
+
+def _texture(rng: np.random.Generator, kind: str, h: int, w: int) -> np.ndarray:
+    """An h x w x 3 float image of one texture in two random colours."""
+    c1, c2 = _random_color(rng), _random_color(rng)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind == "solid":
+        t = np.zeros((h, w), np.float32)
+    elif kind == "stripes":
+        angle = rng.uniform(0, math.pi)
+        period = rng.uniform(4, 14)
+        t = (
+            np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period) > 0
+        ).astype(np.float32)
+    elif kind == "checker":
+        period = int(rng.integers(4, 14))
+        t = (((xx // period) + (yy // period)) % 2).astype(np.float32)
+    elif kind == "dots":
+        period = rng.uniform(6, 14)
+        r = period * rng.uniform(0.2, 0.35)
+        t = (((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2 < r * r).astype(
+            np.float32
+        )
+    elif kind == "noise":
+        t = _coarse_noise(rng, h, w, int(rng.integers(6, 20)))
+    else:
+        raise ValueError(kind)
+    return c1 * (1 - t[..., None]) + c2 * t[..., None]
+
+
+def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tuple[float, float]]:
+    n = len(radii)
+    return [
+        (
+            cx + r * math.cos(angle + 2 * math.pi * k / n),
+            cy + r * math.sin(angle + 2 * math.pi * k / n),
+        )
+        for k, r in enumerate(radii)
+    ]
+
+
+def _rotated_rect(
+    cx: float, cy: float, length: float, width: float, angle: float
+) -> list[tuple[float, float]]:
+    ca, sa = math.cos(angle), math.sin(angle)
+    pts = [
+        (-length / 2, -width / 2),
+        (length / 2, -width / 2),
+        (length / 2, width / 2),
+        (-length / 2, width / 2),
+    ]
+    return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
+
+
+def _shape_mask(rng: np.random.Generator, name: str, h: int, w: int, size: float) -> np.ndarray:
+    """A boolean mask of one object of class `name` with its centre anywhere in the image."""
+    mask = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    angle = rng.uniform(0, 2 * math.pi)
+    r = size / 2
+    if name == "disc":
+        ry = r * rng.uniform(0.7, 1.0)
+        draw.ellipse((cx - r, cy - ry, cx + r, cy + ry), fill=1)
+    elif name == "ring":
+        thickness = max(2.0, r * rng.uniform(0.12, 0.3))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=1)
+        draw.ellipse(
+            (cx - r + thickness, cy - r + thickness, cx + r - thickness, cy + r - thickness), fill=0
+        )
+    elif name == "square":
+        draw.polygon(_polygon(cx, cy, [r * math.sqrt(2)] * 4, angle), fill=1)
+    elif name == "triangle":
+        draw.polygon(_polygon(cx, cy, [r * 1.2] * 3, angle), fill=1)
+    elif name == "star":
+        draw.polygon(_polygon(cx, cy, [r * 1.2, r * 0.45] * 5, angle), fill=1)
+    elif name == "cross":
+        arm = max(3.0, size * rng.uniform(0.12, 0.25))
+        draw.polygon(_rotated_rect(cx, cy, size * 1.2, arm, angle), fill=1)
+        draw.polygon(_rotated_rect(cx, cy, size * 1.2, arm, angle + math.pi / 2), fill=1)
+    elif name == "bar":
+        draw.polygon(
+            _rotated_rect(cx, cy, size * 2.0, max(3.0, size * rng.uniform(0.05, 0.12)), angle),
+            fill=1,
+        )
+    elif name == "hexagon":
+        draw.polygon(_polygon(cx, cy, [r * 1.1] * 6, angle), fill=1)
+    else:
+        raise ValueError(name)
+    return np.asarray(mask, dtype=bool)
+
+
+def render_sample(config: SynthConfig, index: int) -> tuple[Image.Image, Image.Image]:
+    """Image `index` of the data set: an RGB image and its label map (mode P, 255 = ignore)."""
+    rng = np.random.default_rng([config.seed, index])
+    h = int(rng.integers(config.min_size, config.max_size + 1))
+    w = int(rng.integers(config.min_size, config.max_size + 1))
+    # Background: smooth noise between two colours, with texture, no shape.
+    image = (
+        _texture(rng, "noise", h, w) * 0.7 + _texture(rng, str(rng.choice(TEXTURES)), h, w) * 0.3
+    )
+    label = np.zeros((h, w), np.uint8)
+    short = min(h, w)
+    for _ in range(int(rng.integers(2, config.max_objects + 1))):
+        class_id = int(rng.integers(1, len(SYNTH_CLASSES)))
+        name = SYNTH_CLASSES[class_id]
+        # Log-uniform sizes: from a few per cent of the short side to most of it.
+        size = short * math.exp(rng.uniform(math.log(0.12), math.log(0.75)))
+        mask = _shape_mask(rng, name, h, w, size)
+        if mask.sum() < 16:
+            continue
+        texture = _texture(rng, str(rng.choice(CLASS_TEXTURES[name])), h, w)
+        image[mask] = texture[mask]  # later objects occlude earlier ones
+        label[mask] = class_id
+    image += rng.normal(0, 6, size=image.shape).astype(np.float32)
+    rgb = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+    # The ignore band: pixels whose neighbourhood holds more than one class.
+    lab = Image.fromarray(label, "L")
+    border = np.asarray(lab.filter(ImageFilter.MaxFilter(IGNORE_BAND))) != np.asarray(
+        lab.filter(ImageFilter.MinFilter(IGNORE_BAND))
+    )
+    label[border] = IGNORE
+    target = Image.fromarray(label, "P")
+    target.putpalette(pil_palette(synth_palette()))
+    return rgb, target
+
+
+def synth_palette() -> list[list[int]]:
+    return voc_palette(len(SYNTH_CLASSES))
+
+
+def write_dataset(out: Path, config: SynthConfig, progress: bool = True) -> dict:
+    """Write `config.count` samples in VOC layout under `out`; returns a summary."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    (out / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (out / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+    (out / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    pixels = np.zeros(256, np.int64)
+    val_every = max(1, round(1 / config.val_fraction)) if config.val_fraction > 0 else 0
+    for i in tqdm(range(config.count), desc="synth", unit="img", disable=not progress):
+        image, target = render_sample(config, i)
+        name = f"synth_{i:06d}"
+        image.save(out / "JPEGImages" / f"{name}.jpg", quality=92)
+        target.save(out / "SegmentationClass" / f"{name}.png")
+        pixels += np.bincount(np.asarray(target).ravel(), minlength=256)
+        split = "val" if val_every and i % val_every == val_every - 1 else "train"
+        splits[split].append(name)
+    for split, names in splits.items():
+        (out / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(
+            "".join(n + "\n" for n in names)
+        )
+    meta = {
+        "name": "synthetic-shapes",
+        "class_names": list(SYNTH_CLASSES),
+        "palette": synth_palette(),
+        "seed": config.seed,
+        "count": config.count,
+        "min_size": config.min_size,
+        "max_size": config.max_size,
+    }
+    (out / "classes.json").write_text(json.dumps(meta, indent=2))
+    total = pixels.sum()
+    return {
+        "train": len(splits["train"]),
+        "val": len(splits["val"]),
+        "class_fraction": {n: float(pixels[i] / total) for i, n in enumerate(SYNTH_CLASSES)}
+        | {"ignore": float(pixels[IGNORE] / total)},
+    }
