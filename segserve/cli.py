@@ -135,6 +135,52 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from export.onnx_export import ParityError, export_checkpoint
+    from training.checkpoint import CheckpointError
+
+    try:
+        result = export_checkpoint(
+            args.checkpoint, args.repository, args.name, version=args.version, fp16=args.fp16,
+            argmax=args.argmax, force=args.force, optimize=args.optimize,
+        )  # fmt: skip
+    except (CheckpointError, FileExistsError, ParityError) as exc:
+        print(f"segserve export: {exc}", file=sys.stderr)
+        return 1
+    p = result.parity
+    print(f"\n{'shape':<20}{'max |dlogits|':>16}{'agreement':>12}")
+    for row in p.per_shape:
+        diff = "-" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.2e}"
+        print(f"{'x'.join(map(str, row['shape'])):<20}{diff:>16}{row['agreement']:>12.4%}")
+    print(f"\n{'written':<14}{result.path}")
+    print(f"{'file size':<14}{result.file_bytes / 1e6:.1f} MB")
+    print(f"{'export time':<14}{result.export_s:.1f} s")
+    print(f"{'output':<14}{result.card['output']} ({result.card['output_dtype']})")
+    print(
+        f"{'parity':<14}max |dlogits| {p.max_abs_diff if p.max_abs_diff is not None else '-'}, agreement {p.agreement:.4%}: passed"
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from service.imaging import ImageDecodeError, ImageTooLarge
+    from service.predict import predict_files
+
+    try:
+        predict_files(args.images, args.model, args.out, args.format)
+    except (ImageDecodeError, ImageTooLarge, FileNotFoundError) as exc:
+        print(f"segserve predict: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from export.bootstrap import bootstrap
+
+    bootstrap(args.repository, args.work_dir, build_parser)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segserve", description=__doc__, formatter_class=_Formatter
@@ -165,6 +211,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eval_args(evaluate)
     evaluate.set_defaults(func=_eval)
+
+    export = sub.add_parser(
+        "export", help="checkpoint -> ONNX in the model repository", formatter_class=_Formatter
+    )
+    export.add_argument("--checkpoint", required=True, type=Path)
+    export.add_argument("--repository", required=True, type=Path)
+    export.add_argument("--name", required=True)
+    export.add_argument("--version", type=int, default=None, help="default: one past the newest")
+    export.add_argument(
+        "--fp16", action="store_true", help="float16 weights, activations, input and output"
+    )
+    export.add_argument(
+        "--argmax", action="store_true", help="end in ArgMax: output labels uint8 [N,H,W]"
+    )
+    export.add_argument("--force", action="store_true", help="overwrite an existing version")
+    export.add_argument(
+        "--optimize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="save onnxruntime's basic graph optimisations",
+    )
+    export.set_defaults(func=_export)
+
+    predict = sub.add_parser(
+        "predict",
+        help="segment image files with a model file, no server",
+        formatter_class=_Formatter,
+    )
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--model", required=True, type=Path, help="PATH.onnx")
+    predict.add_argument("--out", required=True, type=Path)
+    predict.add_argument("--format", choices=("png", "overlay"), default="png")
+    predict.set_defaults(func=_predict)
+
+    boot = sub.add_parser(
+        "bootstrap",
+        help="build the default model unet-shapes when the repository has none",
+        formatter_class=_Formatter,
+    )
+    boot.add_argument("--repository", type=Path, default=Path("model_repository"))
+    boot.add_argument("--work-dir", type=Path, default=Path("."), help="where data/ and runs/ go")
+    boot.set_defaults(func=_bootstrap)
 
     return parser
 

@@ -36,6 +36,11 @@ def save_checkpoint(path: Path, **fields) -> None:
     tmp.replace(path)  # never leave a half-written checkpoint behind
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read and validate a checkpoint written by `segserve train`."""
     path = Path(path)
@@ -46,7 +51,7 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a corrupt file
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}: {exc})"
+            f"{path} is not a readable segserve checkpoint ({exc.__class__.__name__}: {_first_line(exc)})"
         ) from exc
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -251,8 +251,8 @@ def train(args: argparse.Namespace) -> dict:
             scaler.update()
             scheduler.step()
             seen += image.shape[0]
-            loss_sum += float(loss) * image.shape[0]
-            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            loss_sum += loss.item() * image.shape[0]
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         train_s = time.perf_counter() - t0
         scores = evaluate(
             model, val_loader, device, num_classes, progress=args.progress and rank == 0
@@ -278,7 +278,7 @@ def train(args: argparse.Namespace) -> dict:
             architecture=args.model, model_options=model_options, num_classes=num_classes,
             class_names=train_set.class_names, palette=train_set.palette, mean=mean, std=std,
             size_divisor=models.size_divisor(model), state_dict=model.state_dict(), metrics=val_metrics,
-            epoch=epoch, trained_on=str(train_set.root), torch_version=torch.__version__,
+            epoch=epoch, trained_on=str(train_set.root), torch_version=str(torch.__version__),
         )  # fmt: skip
         is_best = scores["mean_iu"] > best_iu
         best_iu = max(best_iu, scores["mean_iu"])

@@ -1,0 +1,275 @@
+"""Export: checkpoint -> ONNX in the repository, dynamic sizes, metadata, parity gate."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+import export.onnx_export as onnx_export
+from export.onnx_export import export_checkpoint
+from models import build_model
+from segserve.cli import main
+from service.model_card import read_card
+from training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, save_checkpoint
+
+# Two shapes keep the FCN-8s export test affordable on two cores; the default gate uses five.
+FAST_SHAPES = ((1, 3, 37, 53), (2, 3, 75, 101), (1, 3, 129, 67))
+
+
+def make_checkpoint(path, architecture="unet", num_classes=4, **opts):
+    torch.manual_seed(0)
+    model = build_model(architecture, num_classes, **opts).eval()
+    names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
+    save_checkpoint(
+        path, architecture=architecture, model_options=opts, num_classes=num_classes, class_names=names,
+        palette=[[i * 20, 255 - i * 20, i * 5] for i in range(num_classes)], mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        size_divisor=16 if architecture == "unet" else 32, state_dict=model.state_dict(),
+        metrics={"pixel_accuracy": 0.9, "mean_accuracy": 0.8, "mean_iu": 0.7, "fw_iu": 0.85}, trained_on="test",
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def unet_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "unet.pt", width=8, batch_norm=True)
+
+
+@pytest.fixture(scope="module")
+def unet_export(unet_ckpt, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    return export_checkpoint(unet_ckpt, repo, "shapes", log=lambda *_: None)
+
+
+def test_export_writes_a_versioned_model_with_metadata(unet_export):
+    path = unet_export.path
+    assert path.parts[-3:] == ("shapes", "1", "model.onnx")
+    card = json.loads((path.parent / "model.json").read_text())
+    onnx.checker.check_model(onnx.load(str(path)))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    # checkpoint -> model.json -> what onnxruntime reads: the same card.
+    assert (
+        json.loads(meta["class_names"])
+        == card["class_names"]
+        == ["background", "class1", "class2", "class3"]
+    )
+    assert json.loads(meta["palette"]) == card["palette"]
+    assert json.loads(meta["mean"]) == IMAGENET_MEAN and json.loads(meta["std"]) == IMAGENET_STD
+    assert json.loads(meta["metrics"])["mean_iu"] == 0.7
+    for key in ("name", "architecture", "num_classes", "input_layout", "output", "size_divisor", "trained_on",
+                "exported_at", "torch_version", "opset"):  # fmt: skip
+        assert key in meta and key in card
+    assert meta["input_layout"] == "NCHW float32" and meta["output"] == "logits"
+    assert json.loads(meta["parity"])["passed"] is True
+    parsed = read_card(session)
+    assert parsed.num_classes == 4 and parsed.size_divisor == 16 and parsed.name == "shapes"
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+
+
+def test_exported_graph_has_dynamic_batch_height_and_width(unet_export, unet_ckpt):
+    session = ort.InferenceSession(str(unet_export.path), providers=["CPUExecutionProvider"])
+    dims = session.get_inputs()[0].shape
+    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    net = model_from_checkpoint(load_checkpoint(unet_ckpt)).eval()
+    for shape in [(3, 3, 203, 149), (1, 3, 17, 300), (1, 3, 2, 2)]:
+        x = torch.randn(*shape)
+        out = session.run(None, {"image": x.numpy()})[0]
+        assert out.shape == (shape[0], 4, shape[2], shape[3])
+        with torch.inference_mode():
+            assert np.abs(out - net(x).numpy()).max() < 1e-3
+
+
+def test_parity_report_covers_odd_sizes_and_a_batch_of_two(unet_export):
+    report = unet_export.parity
+    assert report.passed and report.max_abs_diff < 1e-3 and report.agreement >= 0.9999
+    shapes = [tuple(s) for s in report.shapes]
+    assert any(s[0] == 2 for s in shapes)
+    assert any(s[2] % 2 and s[3] % 2 for s in shapes)
+
+
+def test_versions_count_up_and_are_never_overwritten_without_force(unet_ckpt, tmp_path):
+    first = export_checkpoint(
+        unet_ckpt, tmp_path, "m", parity_shapes=FAST_SHAPES, log=lambda *_: None
+    )
+    second = export_checkpoint(
+        unet_ckpt, tmp_path, "m", parity_shapes=FAST_SHAPES, log=lambda *_: None
+    )
+    assert (first.card["version"], second.card["version"]) == (1, 2)
+    with pytest.raises(FileExistsError, match="--force"):
+        export_checkpoint(
+            unet_ckpt, tmp_path, "m", version=1, parity_shapes=FAST_SHAPES, log=lambda *_: None
+        )
+    before = (tmp_path / "m" / "1" / "model.json").read_text()
+    again = export_checkpoint(
+        unet_ckpt,
+        tmp_path,
+        "m",
+        version=1,
+        force=True,
+        parity_shapes=FAST_SHAPES,
+        log=lambda *_: None,
+    )
+    assert again.path.exists() and (tmp_path / "m" / "1" / "model.json").read_text() != before
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]  # no temp folders left
+
+
+def test_a_model_whose_parity_fails_is_refused(unet_ckpt, tmp_path, monkeypatch, capsys):
+    real_write = onnx_export.write_onnx
+
+    def broken_write(segmenter, path, fp16):
+        # A broken export: the graph's weights no longer match the PyTorch net.
+        real_write(segmenter, path, fp16)
+        model = onnx.load(str(path))
+        for init in model.graph.initializer:
+            if len(init.dims) == 4:
+                w = onnx.numpy_helper.to_array(init) * 1.5
+                init.CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), init.name))
+        onnx.save(model, str(path))
+
+    monkeypatch.setattr(onnx_export, "write_onnx", broken_write)
+    code = main(
+        ["export", "--checkpoint", str(unet_ckpt), "--repository", str(tmp_path), "--name", "bad"]
+    )
+    assert code != 0
+    assert "parity failed, nothing published" in capsys.readouterr().err
+    assert not any((tmp_path / "bad").glob("*/model.onnx"))
+
+
+def test_argmax_variant_outputs_uint8_labels_equal_to_argmax_of_logits(
+    unet_export, unet_ckpt, tmp_path
+):
+    result = export_checkpoint(
+        unet_ckpt, tmp_path, "argmax", argmax=True, parity_shapes=FAST_SHAPES, log=lambda *_: None
+    )
+    assert result.card["output"] == "labels" and result.parity.agreement == 1.0
+    labels_sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    logits_sess = ort.InferenceSession(str(unet_export.path), providers=["CPUExecutionProvider"])
+    assert labels_sess.get_outputs()[0].name == "labels"
+    x = np.random.default_rng(0).standard_normal((2, 3, 99, 131)).astype(np.float32)
+    labels = labels_sess.run(None, {"image": x})[0]
+    logits = logits_sess.run(None, {"image": x})[0]
+    assert labels.dtype == np.uint8 and labels.shape == (2, 99, 131)
+    assert np.array_equal(labels, logits.argmax(1))
+
+
+def test_fp16_variant_states_its_types_and_reports_parity(unet_ckpt, tmp_path):
+    result = export_checkpoint(
+        unet_ckpt, tmp_path, "half", fp16=True, parity_shapes=FAST_SHAPES, log=lambda *_: None
+    )
+    assert result.card["input_dtype"] == "float16" and result.card["input_layout"] == "NCHW float16"
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    assert result.parity.agreement >= onnx_export.FP16_MIN_AGREEMENT
+    assert result.card["parity"]["threshold_agreement"] == onnx_export.FP16_MIN_AGREEMENT
+
+
+def test_fcn8s_exports_with_dynamic_sizes(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "fcn8s.pt", "fcn8s", num_classes=3)
+    result = export_checkpoint(
+        ckpt, tmp_path / "repo", "fcn", parity_shapes=FAST_SHAPES[:2], log=lambda *_: None
+    )
+    assert result.parity.passed and result.card["size_divisor"] == 32
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"image": np.zeros((1, 3, 45, 61), np.float32)})[0]
+    assert out.shape == (1, 3, 45, 61)
+
+
+def test_missing_corrupt_or_wrong_checkpoints_give_clear_errors(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"state_dict": {}}, wrong)
+    for path, message in [
+        (tmp_path / "missing.pt", "not found"),
+        (corrupt, "not a readable"),
+        (wrong, "not a segserve training checkpoint"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            export_checkpoint(path, tmp_path / "repo", "x", log=lambda *_: None)
+        assert (
+            main(
+                [
+                    "export",
+                    "--checkpoint",
+                    str(path),
+                    "--repository",
+                    str(tmp_path / "repo"),
+                    "--name",
+                    "x",
+                ]
+            )
+            == 1
+        )
+        assert message in capsys.readouterr().err
+
+
+def test_predict_writes_a_palette_png_of_the_inputs_exact_size(unet_export, tmp_path):
+    rgb = (np.random.default_rng(1).random((97, 143, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "in.jpg")
+    Image.fromarray(rgb).save(tmp_path / "in2.png")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "in.jpg"),
+                str(tmp_path / "in2.png"),
+                "--model",
+                str(unet_export.path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    label = Image.open(out / "in.png")
+    assert label.mode == "P" and label.size == (143, 97)
+    assert label.getpalette()[3:6] == [20, 235, 5]  # the model's own palette, class 1
+    assert np.asarray(label).max() < 4
+    # The same labels as running the model directly.
+    session = ort.InferenceSession(str(unet_export.path), providers=["CPUExecutionProvider"])
+    from service.imaging import decode_image, preprocess
+
+    x = preprocess(
+        [decode_image((tmp_path / "in2.png").read_bytes(), 10**8)], IMAGENET_MEAN, IMAGENET_STD
+    )
+    assert np.array_equal(
+        np.asarray(Image.open(out / "in2.png")), session.run(None, {"image": x})[0][0].argmax(0)
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "in.jpg"),
+                "--model",
+                str(unet_export.path),
+                "--out",
+                str(out),
+                "--format",
+                "overlay",
+            ]
+        )
+        == 0
+    )
+    assert Image.open(out / "in_overlay.png").size == (143, 97)
+    (tmp_path / "text.jpg").write_text("hello")
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "text.jpg"),
+                "--model",
+                str(unet_export.path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
