@@ -174,6 +174,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {"repository": args.repository} if args.repository is not None else {}
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # uvicorn handles SIGTERM: it stops accepting, lets open requests finish (queued ones
+    # included, up to the request deadline), then runs the app's shutdown, which drains
+    # the batchers.
+    uvicorn.run(
+        create_app(settings), host=args.host, port=args.port, log_level="info",
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
+    )  # fmt: skip
+    return 0
+
+
 def _bootstrap(args: argparse.Namespace) -> int:
     from export.bootstrap import bootstrap
 
@@ -244,6 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, type=Path)
     predict.add_argument("--format", choices=("png", "overlay"), default="png")
     predict.set_defaults(func=_predict)
+
+    serve = sub.add_parser(
+        "serve", help="serve the model repository over HTTP",
+        description="Settings also come from SEGSERVE_* environment variables (see README).",
+        formatter_class=_Formatter,
+    )  # fmt: skip
+    serve.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="default: $SEGSERVE_REPOSITORY or model_repository",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
 
     boot = sub.add_parser(
         "bootstrap",

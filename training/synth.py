@@ -1,8 +1,7 @@
 """A synthetic segmentation data set in PASCAL VOC layout, deterministic by seed.
 
-Eight object classes plus background. A class is its shape (and, weakly, its texture):
-every class draws its colours from the same range and shares textures with others, so
-colour alone never decides the class. Objects come in many sizes, occlude each other,
+Eight object classes plus background. A class is its shape and its texture: every class
+draws its colours from the same range, so colour alone never decides the class. Objects come in many sizes, occlude each other,
 some have thin parts (rings, crosses, bars) and fine boundaries, and a 255 "ignore" band
 runs along every object border as in VOC's annotations.
 """
@@ -22,18 +21,19 @@ from service.palette import pil_palette, voc_palette
 SYNTH_CLASSES = (
     "background", "disc", "ring", "square", "triangle", "star", "cross", "bar", "hexagon",
 )  # fmt: skip
-TEXTURES = ("solid", "stripes", "checker", "dots", "noise")
-# Each class may wear two textures and every texture is worn by several classes.
+# Each class has its own texture (and shape); the texture's two colours are drawn from the
+# same range for every class, so colour alone never decides the class.
 CLASS_TEXTURES = {
-    "disc": ("solid", "noise"),
-    "ring": ("solid", "stripes"),
-    "square": ("checker", "solid"),
-    "triangle": ("stripes", "noise"),
-    "star": ("dots", "solid"),
-    "cross": ("noise", "checker"),
-    "bar": ("stripes", "dots"),
-    "hexagon": ("dots", "checker"),
+    "disc": "solid",
+    "ring": "gradient",
+    "square": "checker",
+    "triangle": "stripes",
+    "star": "dots",
+    "cross": "grid",
+    "bar": "speckle",
+    "hexagon": "rings",
 }
+TEXTURES = tuple(CLASS_TEXTURES.values())
 IGNORE = 255
 IGNORE_BAND = 5  # px: VOC's border band is about 5 px wide
 
@@ -81,6 +81,21 @@ def _texture(rng: np.random.Generator, kind: str, h: int, w: int) -> np.ndarray:
         )
     elif kind == "noise":
         t = _coarse_noise(rng, h, w, int(rng.integers(6, 20)))
+    elif kind == "speckle":
+        t = (rng.random((h, w)) < 0.5).astype(np.float32)
+    elif kind == "gradient":
+        angle = rng.uniform(0, 2 * math.pi)
+        ramp = xx * math.cos(angle) + yy * math.sin(angle)
+        t = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
+    elif kind == "grid":
+        period = int(rng.integers(6, 14))
+        t = (((xx % period) < 2) | ((yy % period) < 2)).astype(np.float32)
+    elif kind == "rings":
+        period = rng.uniform(5, 12)
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        t = (np.sin(np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) * 2 * math.pi / period) > 0).astype(
+            np.float32
+        )
     else:
         raise ValueError(kind)
     return c1 * (1 - t[..., None]) + c2 * t[..., None]
@@ -153,10 +168,10 @@ def render_sample(config: SynthConfig, index: int) -> tuple[Image.Image, Image.I
     rng = np.random.default_rng([config.seed, index])
     h = int(rng.integers(config.min_size, config.max_size + 1))
     w = int(rng.integers(config.min_size, config.max_size + 1))
-    # Background: smooth noise between two colours, with texture, no shape.
-    image = (
-        _texture(rng, "noise", h, w) * 0.7 + _texture(rng, str(rng.choice(TEXTURES)), h, w) * 0.3
-    )
+    # Background: smooth noise between two colours, paler than objects are on average (as
+    # in photos, where the scene behind objects is rarely as saturated).
+    background = _texture(rng, "noise", h, w)
+    image = 0.6 * background + 0.4 * background.mean(axis=2, keepdims=True)
     label = np.zeros((h, w), np.uint8)
     short = min(h, w)
     for _ in range(int(rng.integers(2, config.max_objects + 1))):
@@ -167,7 +182,7 @@ def render_sample(config: SynthConfig, index: int) -> tuple[Image.Image, Image.I
         mask = _shape_mask(rng, name, h, w, size)
         if mask.sum() < 16:
             continue
-        texture = _texture(rng, str(rng.choice(CLASS_TEXTURES[name])), h, w)
+        texture = _texture(rng, CLASS_TEXTURES[name], h, w)
         image[mask] = texture[mask]  # later objects occlude earlier ones
         label[mask] = class_id
     image += rng.normal(0, 6, size=image.shape).astype(np.float32)

@@ -1,0 +1,107 @@
+"""The model repository as the service sees it: every version of every model, loaded."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.batcher import Batcher
+from service.engine import Engine
+from service.errors import ServiceError
+
+log = logging.getLogger("segserve.repository")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: int
+    engine: Engine
+    batcher: Batcher | None = None
+    warmed: bool = False
+
+    @property
+    def card(self):
+        return self.engine.card
+
+
+@dataclass
+class FailedModel:
+    name: str
+    version: str
+    error: str
+
+
+@dataclass
+class ModelRegistry:
+    models: dict[str, dict[int, LoadedModel]] = field(default_factory=dict)
+    failed: list[FailedModel] = field(default_factory=list)
+    default_name: str | None = None
+
+    @classmethod
+    def scan(cls, repository: Path, load_engine) -> ModelRegistry:
+        """Load REPO/NAME/VERSION/model.onnx for every name and version; a model that fails
+        is logged and listed, and the others still load."""
+        registry = cls()
+        repository = Path(repository)
+        if not repository.is_dir():
+            log.error("model repository %s does not exist", repository)
+            registry.failed.append(
+                FailedModel("*", "*", f"model repository {repository} does not exist")
+            )
+            return registry
+        for model_dir in sorted(
+            p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ):
+            for version_dir in sorted(
+                (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+                key=lambda p: int(p.name),
+            ):
+                path = version_dir / "model.onnx"
+                if not path.is_file():
+                    continue
+                try:
+                    engine = load_engine(path)
+                except Exception as exc:  # any load failure is reported, never fatal
+                    log.error("could not load %s: %s", path, exc)
+                    registry.failed.append(
+                        FailedModel(
+                            model_dir.name, version_dir.name, f"{exc.__class__.__name__}: {exc}"
+                        )
+                    )
+                    continue
+                registry.models.setdefault(model_dir.name, {})[int(version_dir.name)] = LoadedModel(
+                    model_dir.name, int(version_dir.name), engine
+                )
+                log.info(
+                    "loaded %s v%s (%s, %s)",
+                    model_dir.name,
+                    version_dir.name,
+                    engine.card.architecture,
+                    engine.provider,
+                )
+        return registry
+
+    def all(self) -> list[LoadedModel]:
+        return [m for versions in self.models.values() for m in versions.values()]
+
+    def get(self, name: str | None, version: int | None = None) -> LoadedModel:
+        name = name or self.default_name
+        if name is None:
+            raise ServiceError(404, "no model is loaded")
+        versions = self.models.get(name)
+        if not versions:
+            failed = [f for f in self.failed if f.name == name]
+            why = f" (it failed to load: {failed[0].error})" if failed else ""
+            raise ServiceError(
+                404,
+                f"unknown model {name!r}{why}; loaded: {', '.join(sorted(self.models)) or 'none'}",
+            )
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise ServiceError(
+                404, f"model {name!r} has no version {version}; it has {sorted(versions)}"
+            )
+        return versions[version]

@@ -1,0 +1,53 @@
+"""All service settings in one place; each can be set as SEGSERVE_<NAME> in the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'512x512,375x500' -> [(512, 512), (375, 500)] as (height, width)."""
+    shapes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        h, _, w = part.lower().partition("x")
+        if not (h.isdigit() and w.isdigit()) or int(h) < 1 or int(w) < 1:
+            raise ValueError(f"bad shape {part!r}: expected HxW such as 512x512")
+        shapes.append((int(h), int(w)))
+    return shapes
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEGSERVE_", protected_namespaces=())
+
+    repository: Path = Path("model_repository")
+    default_model: str | None = None
+    providers: str = "auto"
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_queue_delay_ms: float = Field(5.0, ge=0)
+    max_queue: int = Field(64, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    api_key: str | None = None
+    intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    warmup_shapes: str = "512x512,375x500"
+    # Shapes whose padded sizes differ are merged into one batch while the padding added
+    # stays under this fraction of the batch's pixels (measured: docs/benchmarks.md).
+    max_padding_fraction: float = Field(0.25, ge=0, lt=1)
+    # cuDNN's EXHAUSTIVE search re-benchmarks on every new input shape (onnxruntime #6978,
+    # #19838): HEURISTIC keeps dynamic shapes cheap.
+    cudnn_conv_algo_search: str = "HEURISTIC"
+
+    @field_validator("warmup_shapes")
+    @classmethod
+    def _valid_shapes(cls, value: str) -> str:
+        parse_shapes(value)
+        return value
+
+    @property
+    def warmup(self) -> list[tuple[int, int]]:
+        return parse_shapes(self.warmup_shapes)
