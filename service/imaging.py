@@ -38,7 +38,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             image = Image.open(io.BytesIO(data))
             w, h = image.size
             if w * h > max_pixels:
-                raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+                raise ImageTooLarge(
+                    f"image is {w}x{h} = {w * h} pixels, over the {max_pixels}-pixel limit"
+                )
             if w < 1 or h < 1:
                 raise ImageDecodeError(f"image has no pixels ({w}x{h})")
             image.seek(0)  # first frame of an animation
@@ -53,8 +55,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError(
             "not an image in a format we read (JPEG, PNG, WebP, BMP, TIFF, GIF)"
         ) from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own, larger bound tripped first
+        raise ImageTooLarge(f"image is over the {max_pixels}-pixel limit ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
 

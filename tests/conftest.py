@@ -17,3 +17,30 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     write_dataset(root, SynthConfig(count=24, seed=3, min_size=64, max_size=128), progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def png_bomb(tmp_path_factory) -> bytes:
+    """A real 30000 x 30000 1-bit PNG (well under 1 MB), made once per session."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory) -> Path:
+    """A model repository holding `tiny` v1: a width-8 U-Net with 4 classes, exported for real."""
+    from helpers import make_checkpoint
+
+    from export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("repository")
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", width=8, batch_norm=True)
+    export_checkpoint(
+        ckpt, root, "tiny", parity_shapes=((1, 3, 37, 53), (2, 3, 64, 80)), log=lambda *_: None
+    )
+    return root

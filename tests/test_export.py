@@ -7,30 +7,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import make_checkpoint
 from PIL import Image
 
 import export.onnx_export as onnx_export
 from export.onnx_export import export_checkpoint
-from models import build_model
 from segserve.cli import main
 from service.model_card import read_card
-from training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, save_checkpoint
+from training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError
 
 # Two shapes keep the FCN-8s export test affordable on two cores; the default gate uses five.
 FAST_SHAPES = ((1, 3, 37, 53), (2, 3, 75, 101), (1, 3, 129, 67))
-
-
-def make_checkpoint(path, architecture="unet", num_classes=4, **opts):
-    torch.manual_seed(0)
-    model = build_model(architecture, num_classes, **opts).eval()
-    names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
-    save_checkpoint(
-        path, architecture=architecture, model_options=opts, num_classes=num_classes, class_names=names,
-        palette=[[i * 20, 255 - i * 20, i * 5] for i in range(num_classes)], mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        size_divisor=16 if architecture == "unet" else 32, state_dict=model.state_dict(),
-        metrics={"pixel_accuracy": 0.9, "mean_accuracy": 0.8, "mean_iu": 0.7, "fw_iu": 0.85}, trained_on="test",
-    )  # fmt: skip
-    return path
 
 
 @pytest.fixture(scope="module")
