@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
 
-.PHONY: setup run test lint bootstrap clean
+.PHONY: setup tools run test lint bootstrap bench clean
 
 # torch and torchvision go through pip on their own, pinned: pip takes them from this
 # machine's disk; the rest of the project installs with its train and dev extras.
@@ -28,7 +28,14 @@ run: setup
 bootstrap: setup
 	$(VENV)/bin/segserve bootstrap --repository $(REPOSITORY)
 
-test: setup
+# Prometheus (promtool, and a real server for the dashboard test) from Debian's package.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+		echo "installing Debian's prometheus package (promtool and a real server for the tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	} || echo "warning: could not install prometheus; its tests will be skipped"
+
+test: setup tools
 	$(PY) -m pytest -q
 
 lint: setup
