@@ -260,7 +260,7 @@ def query(api: str, expr: str) -> dict:
 
 def test_every_dashboard_and_alert_expression_evaluates_in_prometheus(prometheus_and_segserve):
     api = prometheus_and_segserve
-    for title, expr in dashboard_queries():
+    for _title, expr in dashboard_queries():
         query(api, grafana_to_promql(expr))
     for group in yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())["groups"]:
         for rule in group["rules"]:
