@@ -109,21 +109,14 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.train import train
+    from training.train import METRIC_COLUMNS, train
 
     row = train(args)
     if row:
         print(f"\n{'epochs':<16}{row['epoch']:>10}")
-        for key in (
-            "train_loss",
-            "val_loss",
-            "pixel_accuracy",
-            "mean_accuracy",
-            "mean_iu",
-            "fw_iu",
-            "images_per_s",
-        ):
-            print(f"{key:<16}{row[key]:>10.4f}")
+        for key in METRIC_COLUMNS:
+            if key not in ("epoch", "lr", "epoch_s"):
+                print(f"{key:<16}{row[key]:>10.4f}")
         print(f"\nrun folder: {args.out} (best.pt, last.pt, metrics.csv, config.json)")
     return 0
 
@@ -195,6 +188,50 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
     )  # fmt: skip
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from segserve import loadgen
+    from service.settings import parse_shapes
+
+    images = (
+        loadgen.folder_images(args.images)
+        if args.images
+        else loadgen.synthetic_images(parse_shapes(args.sizes))
+    )
+    try:
+        results = loadgen.bench(
+            args.url,
+            args.concurrency,
+            args.duration,
+            images,
+            args.format,
+            args.api_key,
+            progress=not args.json,
+        )
+    except httpx_errors() as exc:
+        print(f"segserve bench: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(loadgen.to_json(results))
+    else:
+        print(f"{args.url}  {len(images)} images  {args.duration:.0f} s per level\n")
+        print(loadgen.format_table(results))
+    if args.plot:
+        loadgen.plot(results, args.plot, title=f"segserve bench {args.url}")
+        if not args.json:
+            print(f"\nplot: {args.plot}")
+    if args.json_out:
+        args.json_out.write_text(_json.dumps(_json.loads(loadgen.to_json(results)), indent=2))
+    return 0
+
+
+def httpx_errors() -> tuple[type[Exception], ...]:
+    import httpx
+
+    return (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -282,6 +319,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=_serve)
+
+    bench = sub.add_parser(
+        "bench", help="load-test a running server's POST /segment", formatter_class=_Formatter
+    )
+    bench.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
+    bench.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 4, 16], help="one run per level"
+    )
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    bench.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="a folder of images (default: synthetic JPEGs of --sizes)",
+    )
+    bench.add_argument(
+        "--sizes", default="512x512,375x500", help="HxW list for the synthetic images"
+    )
+    bench.add_argument("--format", choices=("png", "json"), default="png")
+    bench.add_argument("--api-key", default=None)
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    bench.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG of latency percentiles and throughput vs concurrency",
+    )
+    bench.set_defaults(func=_bench)
 
     boot = sub.add_parser(
         "bootstrap",
