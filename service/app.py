@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -33,6 +34,8 @@ from service.imaging import (
     encode_rgb,
     encode_rle,
     overlay,
+    padded_size,
+    preprocess,
 )
 from service.metrics import ServiceMetrics
 from service.repository import LoadedModel, ModelRegistry
@@ -144,8 +147,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def warm(model: LoadedModel) -> None:
         for h, w in settings.warmup:
             image = np.zeros((h, w, 3), np.uint8)
-            from service.imaging import padded_size, preprocess
-
             ph, pw = padded_size(h, w, model.card.size_divisor)
             model.engine.run(
                 preprocess(
@@ -329,8 +330,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         elif fmt == "overlay":
             out = encode_rgb(overlay(rgb, labels, card.palette)), "image/png"
         else:
-            import json
-
             counts = class_stats(labels, card.num_classes)
             total = int(labels.size)
             encoded_masks = {}

@@ -430,3 +430,19 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_repository, tmp_path):
     assert results == [200] * len(payloads), results
     log = server.log_text()
     assert "Waiting for application shutdown" in log and "Finished server process" in log
+
+
+def test_service_and_cli_import_without_torch():
+    """The GPU image carries no torch: service/, predict, bench and the CLI must not need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        "import service.app, service.predict, segserve.loadgen\n"
+        "from segserve.cli import build_parser\n"
+        "build_parser().parse_args(['serve', '--port', '1'])\n"
+        "service.app.create_app()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
