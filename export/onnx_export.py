@@ -258,6 +258,9 @@ def export_checkpoint(
         if target.exists():
             shutil.rmtree(target)
         Path(tmp).rename(target)
+        # mkdtemp makes the folder private (0700); a server running as another user (the
+        # images' uid 10001) must be able to read it.
+        target.chmod(0o755)
         # TemporaryDirectory's cleanup must not fail on the moved folder.
         Path(tmp).mkdir()
     path = target / "model.onnx"

@@ -34,6 +34,7 @@ def unet_export(unet_ckpt, tmp_path_factory):
 def test_export_writes_a_versioned_model_with_metadata(unet_export):
     path = unet_export.path
     assert path.parts[-3:] == ("shapes", "1", "model.onnx")
+    assert path.parent.stat().st_mode & 0o755 == 0o755  # readable by the images' non-root user
     card = json.loads((path.parent / "model.json").read_text())
     onnx.checker.check_model(onnx.load(str(path)))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
