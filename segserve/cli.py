@@ -64,6 +64,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last.pt"
     )
+    p.add_argument(
+        "--stop-after", type=int, default=None, metavar="N",
+        help="train at most N epochs in this invocation, then exit (time-limited jobs; continue with --resume)",
+    )  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
         "--amp",

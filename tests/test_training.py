@@ -170,8 +170,9 @@ def test_resume_continues_the_same_run(synth_root, tmp_path):
     data = _overfit_folder(synth_root, tmp_path)
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(_train_args(data, straight, "--epochs", "3"))
-    train(_train_args(data, split, "--epochs", "2"))
-    # Pretend the run was cut off after epoch 2 of 3; --resume picks up from last.pt.
+    # The same 3-epoch run (same LR schedule), cut off after epoch 2; --resume picks it up.
+    train(_train_args(data, split, "--epochs", "3", "--stop-after", "2"))
+    assert len(_rows(split)) == 2
     train(_train_args(data, split, "--epochs", "3", "--resume"))
     a, b = _rows(straight), _rows(split)
     assert [r["epoch"] for r in b] == ["1", "2", "3"]

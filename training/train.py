@@ -228,7 +228,10 @@ def train(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     row: dict = {}
-    for epoch in range(start_epoch, args.epochs):
+    last_epoch = (
+        args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    )
+    for epoch in range(start_epoch, last_epoch):
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
         net.train()
