@@ -146,8 +146,10 @@ def attach_metadata(path: Path, card: dict) -> None:
 
 def optimize_offline(src: Path, dst: Path) -> None:
     """onnxruntime's provider-independent graph optimisations (fusions, constant folding),
-    saved so a session need not redo them at load. 'extended' and 'all' would bake in
-    CPU-only layouts (NCHWc), which a CUDA host cannot run, so only 'basic' is saved."""
+    saved in the file. 'extended' and 'all' would bake in CPU-only layouts (NCHWc), which a
+    CUDA host cannot run, so only 'basic' is saved. Off by default: measured on CPU it made
+    runs no faster and session creation slower (docs/benchmarks.md), because the dynamo
+    exporter already folds constants and every session optimises fully at load."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -212,7 +214,7 @@ def export_checkpoint(
     fp16: bool = False,
     argmax: bool = False,
     force: bool = False,
-    optimize: bool = True,
+    optimize: bool = False,
     parity_shapes=PARITY_SHAPES,
     log=print,
 ) -> ExportResult:

@@ -293,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--optimize",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="save onnxruntime's basic graph optimisations",
+        default=False,
+        help="save onnxruntime's basic graph optimisations in the file (measured: no faster on CPU, "
+        "slower to load; sessions optimise at load anyway, see docs/benchmarks.md)",
     )
     export.set_defaults(func=_export)
 
