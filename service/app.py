@@ -133,10 +133,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def make_batcher(model: LoadedModel) -> Batcher:
         card = model.card
 
-        def on_batch(size: int, stages: dict[str, float]) -> None:
+        def on_batch(size: int) -> None:
+            # Stage times are observed per request in segment_array, not here per batch.
             state.metrics.batch_size.labels(model.name).observe(size)
-            for stage, seconds in stages.items():
-                state.metrics.stage_duration.labels(model.name, stage).observe(seconds)
 
         return Batcher(
             model.engine.run, card.mean, card.std, card.numpy_input_dtype, card.size_divisor,
@@ -238,7 +237,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             labels = job.future.result()
         except DeadlineExceeded as exc:
             raise reject("deadline", ServiceError(504, str(exc))) from exc
-        timings.update({k: v for k, v in job.timings.items() if k != "batch_size"})
+        timings.update(job.timings)
         for stage in ("queue", "preprocess", "inference"):
             if stage in job.timings:
                 state.metrics.stage_duration.labels(model.name, stage).observe(job.timings[stage])

@@ -82,7 +82,7 @@ class Batcher:
         max_queue_delay_ms: float = 5.0,
         max_queue: int = 64,
         max_padding_fraction: float = 0.25,
-        on_batch: Callable[[int, dict[str, float]], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.mean, self.std, self.input_dtype = mean, std, input_dtype
@@ -181,10 +181,10 @@ class Batcher:
                     job.future.set_exception(exc)
             return
         if self.on_batch is not None:
-            self.on_batch(len(group), {"preprocess": pre_s, "inference": infer_s})
+            self.on_batch(len(group))
         for job, lab in zip(group, labels, strict=True):
             if job.future.done():
                 continue
-            job.timings.update(preprocess=pre_s, inference=infer_s, batch_size=len(group))
+            job.timings.update(preprocess=pre_s, inference=infer_s)
             h, w = job.shape
             job.future.set_result(np.ascontiguousarray(lab[:h, :w]))

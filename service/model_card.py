@@ -7,7 +7,7 @@ comes from here.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -49,22 +49,7 @@ class ModelCard:
         return np.float16 if self.input_dtype == "float16" else np.float32
 
     def as_dict(self) -> dict[str, Any]:
-        core = {
-            k: getattr(self, k)
-            for k in (
-                "name",
-                "version",
-                "architecture",
-                "num_classes",
-                "class_names",
-                "palette",
-                "mean",
-                "std",
-                "output",
-                "size_divisor",
-                "input_dtype",
-            )
-        }
+        core = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         return {**self.extra, **core}
 
     def class_id(self, key: str) -> int:
