@@ -291,6 +291,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Response:
         t0 = time.perf_counter()
         loaded = state.registry.get(model, version)
+        try:
+            return await segment_with(request, loaded, format, masks, mask_encoding, t0)
+        except ServiceError as exc:
+            # Errors past model resolution still say which model answered.
+            exc.headers = {
+                "X-Model": loaded.name,
+                "X-Model-Version": str(loaded.version),
+                **exc.headers,
+            }
+            raise
+
+    async def segment_with(
+        request: Request,
+        loaded: LoadedModel,
+        format: str,
+        masks: str,
+        mask_encoding: str,
+        t0: float,
+    ) -> Response:
         mask_ids = parse_masks(masks, loaded)
         if mask_ids and format != "json":
             raise ServiceError(422, "masks come with format=json")

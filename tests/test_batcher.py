@@ -18,9 +18,7 @@ def threshold_model(batch: np.ndarray) -> np.ndarray:
 
 def make_batcher(run=threshold_model, **kw) -> Batcher:
     sizes = []
-    b = Batcher(
-        run, [0.5] * 3, [0.25] * 3, np.float32, 16, on_batch=sizes.append, **kw
-    )
+    b = Batcher(run, [0.5] * 3, [0.25] * 3, np.float32, 16, on_batch=sizes.append, **kw)
     b.sizes = sizes
     return b
 

@@ -210,6 +210,7 @@ def test_broken_files_get_4xx_and_the_server_stays_healthy(server, png_bomb):
         r = c.post("/segment", content=make(), headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 400, name
         assert r.json()["error"] == "bad_request" and r.json()["detail"]
+        assert r.headers["x-model"] == "tiny"
     bomb = c.post("/segment", content=png_bomb, headers={"Content-Type": "image/png"})
     assert bomb.status_code == 413 and "pixel" in bomb.json()["detail"]
     # A 1x1 image is small, not broken: it is segmented.
