@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from export.repository import existing_versions
 from segserve import loadgen
 from service.engine import Engine
 from service.imaging import decode_image, padded_size, preprocess
@@ -93,9 +94,7 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
 
     # 1. The limit: bare session.run.
-    versions = sorted(
-        int(v.name) for v in (args.repository / args.model).iterdir() if v.name.isdigit()
-    )
+    versions = existing_versions(args.repository, args.model)
     engine = Engine.load(
         args.repository / args.model / str(versions[-1]) / "model.onnx", "cpu", threads
     )

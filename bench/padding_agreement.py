@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from bench.compare import start
+from export.repository import existing_versions
 from service.engine import Engine
 from service.imaging import decode_image, preprocess
 
@@ -32,9 +33,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     args = p.parse_args()
     files = sorted(args.images.glob("*.jpg"))[: args.limit]
-    versions = sorted(
-        int(v.name) for v in (args.repository / args.model).iterdir() if v.name.isdigit()
-    )
+    versions = existing_versions(args.repository, args.model)
     engine = Engine.load(
         args.repository / args.model / str(versions[-1]) / "model.onnx", "cpu", os.cpu_count() or 1
     )

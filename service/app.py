@@ -249,7 +249,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if message["type"] == "http.disconnect":
                 return
 
-    def decode(data: bytes, model: LoadedModel) -> np.ndarray:
+    def decode(data: bytes) -> np.ndarray:
         try:
             rgb = decode_image(data, settings.max_image_pixels)
         except ImageTooLarge as exc:
@@ -321,7 +321,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ).inc()
             raise
         td = time.perf_counter()
-        rgb = await asyncio.to_thread(decode, data, loaded)
+        rgb = await asyncio.to_thread(decode, data)
         timings = {"decode": time.perf_counter() - td}
         state.metrics.stage_duration.labels(loaded.name, "decode").observe(timings["decode"])
         labels = await segment_array(loaded, rgb, request, timings)
