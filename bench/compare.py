@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from export.repository import existing_versions
 from segserve import loadgen
-from service.engine import Engine
-from service.imaging import decode_image, padded_size, preprocess
+from segserve.export.repository import existing_versions
+from segserve.service.engine import Engine
+from segserve.service.imaging import decode_image, padded_size, preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 

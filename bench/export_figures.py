@@ -17,10 +17,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import export_checkpoint
-from models import build_model, size_divisor
-from service.palette import VOC_CLASSES, voc_palette
-from training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
+from segserve.export.onnx_export import export_checkpoint
+from segserve.models import build_model, size_divisor
+from segserve.service.palette import VOC_CLASSES, voc_palette
+from segserve.training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
 
 
 def checkpoint(path: Path, arch: str, **opts) -> Path:

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from PIL import Image
 
-from training.checkpoint import load_checkpoint, model_from_checkpoint
+from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 checkpoint = load_checkpoint(os.environ["NAIVE_CHECKPOINT"])
 model = model_from_checkpoint(checkpoint).eval()

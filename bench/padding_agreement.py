@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 from bench.compare import start
-from export.repository import existing_versions
-from service.engine import Engine
-from service.imaging import decode_image, preprocess
+from segserve.export.repository import existing_versions
+from segserve.service.engine import Engine
+from segserve.service.imaging import decode_image, preprocess
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from export.repository import existing_versions
+from segserve.export.repository import existing_versions
 
 DEFAULT_NAME = "unet-shapes"
 # The README's CPU recipe; measured on 2 cores, see README.md for the time and mean IU.
@@ -30,9 +30,9 @@ def bootstrap(repository: Path, work: Path, parser_factory) -> Path | None:
     if repository_has_models(repository):
         print(f"{repository} already holds a model; nothing to build")
         return None
-    from export.onnx_export import export_checkpoint
-    from training.synth import SynthConfig, write_dataset
-    from training.train import train
+    from segserve.export.onnx_export import export_checkpoint
+    from segserve.training.synth import SynthConfig, write_dataset
+    from segserve.training.train import train
 
     data, run = work / "data" / "synth", work / "runs" / DEFAULT_NAME
     if not (data / "classes.json").exists():

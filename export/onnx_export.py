@@ -19,8 +19,8 @@ import onnx
 import torch
 from torch import nn
 
-from export.repository import next_version, version_dir
-from training.checkpoint import load_checkpoint, model_from_checkpoint
+from segserve.export.repository import next_version, version_dir
+from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 OPSET = 18
 TRACE_SHAPE = (1, 3, 64, 64)

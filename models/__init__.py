@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.fcn import FCN, fcn_from_coarser
-from models.unet import UNet
-from models.vgg import PretrainedWeightsUnavailable, convolutionalize_vgg16, load_vgg16_state_dict
+from segserve.models.fcn import FCN, fcn_from_coarser
+from segserve.models.unet import UNet
+from segserve.models.vgg import (
+    PretrainedWeightsUnavailable,
+    convolutionalize_vgg16,
+    load_vgg16_state_dict,
+)
 
 MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s", "unet")
 FCN_STRIDES = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from models.fcn import FCN
+from segserve.models.fcn import FCN
 
 # torchvision's vgg16 numbers its features exactly as VGG16Features.layers does.
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)

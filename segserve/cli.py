@@ -92,7 +92,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from training.synth import SynthConfig, write_dataset
+    from segserve.training.synth import SynthConfig, write_dataset
 
     config = SynthConfig(
         count=args.count,
@@ -113,7 +113,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.train import METRIC_COLUMNS, train
+    from segserve.training.train import METRIC_COLUMNS, train
 
     row = train(args)
     if row:
@@ -126,15 +126,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from training.evaluate import run_eval
+    from segserve.training.evaluate import run_eval
 
     run_eval(args)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from export.onnx_export import ParityError, export_checkpoint
-    from training.checkpoint import CheckpointError
+    from segserve.export.onnx_export import ParityError, export_checkpoint
+    from segserve.training.checkpoint import CheckpointError
 
     try:
         result = export_checkpoint(
@@ -160,8 +160,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from service.imaging import ImageDecodeError, ImageTooLarge
-    from service.predict import predict_files
+    from segserve.service.imaging import ImageDecodeError, ImageTooLarge
+    from segserve.service.predict import predict_files
 
     try:
         predict_files(args.images, args.model, args.out, args.format)
@@ -176,8 +176,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from segserve.service.app import create_app
+    from segserve.service.settings import Settings
 
     overrides = {"repository": args.repository} if args.repository is not None else {}
     settings = Settings(**overrides)
@@ -198,7 +198,7 @@ def _bench(args: argparse.Namespace) -> int:
     import json as _json
 
     from segserve import loadgen
-    from service.settings import parse_shapes
+    from segserve.service.settings import parse_shapes
 
     images = (
         loadgen.folder_images(args.images)
@@ -239,7 +239,7 @@ def httpx_errors() -> tuple[type[Exception], ...]:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from export.bootstrap import bootstrap
+    from segserve.export.bootstrap import bootstrap
 
     bootstrap(args.repository, args.work_dir, build_parser)
     return 0

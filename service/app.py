@@ -20,11 +20,11 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
-from service.body import image_bytes
-from service.engine import Engine
-from service.errors import ServiceError, install_error_handlers
-from service.imaging import (
+from segserve.service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from segserve.service.body import image_bytes
+from segserve.service.engine import Engine
+from segserve.service.errors import ServiceError, install_error_handlers
+from segserve.service.imaging import (
     ImageDecodeError,
     ImageTooLarge,
     class_stats,
@@ -37,9 +37,9 @@ from service.imaging import (
     padded_size,
     preprocess,
 )
-from service.metrics import ServiceMetrics
-from service.repository import LoadedModel, ModelRegistry
-from service.settings import Settings
+from segserve.service.metrics import ServiceMetrics
+from segserve.service.repository import LoadedModel, ModelRegistry
+from segserve.service.settings import Settings
 
 log = logging.getLogger("segserve")
 
@@ -426,7 +426,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/models/{name}/palette.png", dependencies=[Depends(authorize)])
     async def palette_png(name: str, version: int | None = Query(None, ge=1)) -> Response:
-        from service.legend import legend_png
+        from segserve.service.legend import legend_png
 
         m = state.registry.get(name, version)
         return Response(
@@ -460,7 +460,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state.metrics.queue_depth.labels(m.name).set(m.batcher.depth)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    from service.v2 import build_v2_router
+    from segserve.service.v2 import build_v2_router
 
     app.include_router(build_v2_router(state, segment_array, authorize))
     return app

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.imaging import padded_size, preprocess
+from segserve.service.imaging import padded_size, preprocess
 
 
 class QueueFull(Exception):

@@ -6,7 +6,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.errors import ServiceError
+from segserve.service.errors import ServiceError
 
 RAW_TYPES = ("image/", "application/octet-stream")
 

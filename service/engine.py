@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.imaging import labels_from_output
-from service.model_card import ModelCard, read_card
+from segserve.service.imaging import labels_from_output
+from segserve.service.model_card import ModelCard, read_card
 
 log = logging.getLogger("segserve.engine")
 

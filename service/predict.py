@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.imaging import (
+from segserve.service.imaging import (
     decode_image,
     encode_label_png,
     encode_rgb,
@@ -15,7 +15,7 @@ from service.imaging import (
     overlay,
     preprocess,
 )
-from service.model_card import read_card
+from segserve.service.model_card import read_card
 
 
 def predict_files(

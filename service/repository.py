@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.batcher import Batcher
-from service.engine import Engine
-from service.errors import ServiceError
+from segserve.service.batcher import Batcher
+from segserve.service.engine import Engine
+from segserve.service.errors import ServiceError
 
 log = logging.getLogger("segserve.repository")
 

@@ -16,9 +16,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.body import read_capped
-from service.errors import ServiceError
-from service.imaging import ImageDecodeError, ImageTooLarge, decode_image
+from segserve.service.body import read_capped
+from segserve.service.errors import ServiceError
+from segserve.service.imaging import ImageDecodeError, ImageTooLarge, decode_image
 
 HEADER_LENGTH = "inference-header-content-length"
 

@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A small synthetic VOC-layout data set, made once per test session."""
-    from training.synth import SynthConfig, write_dataset
+    from segserve.training.synth import SynthConfig, write_dataset
 
     root = tmp_path_factory.mktemp("synth")
     write_dataset(root, SynthConfig(count=24, seed=3, min_size=64, max_size=128), progress=False)
@@ -35,8 +35,7 @@ def png_bomb(tmp_path_factory) -> bytes:
 def tiny_repository(tmp_path_factory) -> Path:
     """A model repository holding `tiny` v1: a width-8 U-Net with 4 classes, exported for real."""
     from helpers import make_checkpoint
-
-    from export.onnx_export import export_checkpoint
+    from segserve.export.onnx_export import export_checkpoint
 
     root = tmp_path_factory.mktemp("repository")
     ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", width=8, batch_norm=True)

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_checkpoint(path, architecture="unet", num_classes=4, **opts):
     import torch
 
-    from models import build_model
-    from training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
+    from segserve.models import build_model
+    from segserve.training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model(architecture, num_classes, **opts).eval()

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, DeadlineExceeded, Job, QueueFull, group_by_shape
+from segserve.service.batcher import Batcher, DeadlineExceeded, Job, QueueFull, group_by_shape
 
 
 def threshold_model(batch: np.ndarray) -> np.ndarray:

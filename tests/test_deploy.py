@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
 from helpers import ROOT, free_port, image_bytes, run_server
 
 DOCKER = ROOT / "docker"

@@ -7,14 +7,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import make_checkpoint
 from PIL import Image
 
-import export.onnx_export as onnx_export
-from export.onnx_export import export_checkpoint
+import segserve.export.onnx_export as onnx_export
+from helpers import make_checkpoint
 from segserve.cli import main
-from service.model_card import read_card
-from training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError
+from segserve.export.onnx_export import export_checkpoint
+from segserve.service.model_card import read_card
+from segserve.training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError
 
 # Two shapes keep the FCN-8s export test affordable on two cores; the default gate uses five.
 FAST_SHAPES = ((1, 3, 37, 53), (2, 3, 75, 101), (1, 3, 129, 67))
@@ -63,7 +63,7 @@ def test_exported_graph_has_dynamic_batch_height_and_width(unet_export, unet_ckp
     session = ort.InferenceSession(str(unet_export.path), providers=["CPUExecutionProvider"])
     dims = session.get_inputs()[0].shape
     assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))
-    from training.checkpoint import load_checkpoint, model_from_checkpoint
+    from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     net = model_from_checkpoint(load_checkpoint(unet_ckpt)).eval()
     for shape in [(3, 3, 203, 149), (1, 3, 17, 300), (1, 3, 2, 2)]:
@@ -225,7 +225,7 @@ def test_predict_writes_a_palette_png_of_the_inputs_exact_size(unet_export, tmp_
     assert np.asarray(label).max() < 4
     # The same labels as running the model directly.
     session = ort.InferenceSession(str(unet_export.path), providers=["CPUExecutionProvider"])
-    from service.imaging import decode_image, preprocess
+    from segserve.service.imaging import decode_image, preprocess
 
     x = preprocess(
         [decode_image((tmp_path / "in2.png").read_bytes(), 10**8)], IMAGENET_MEAN, IMAGENET_STD

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from service.imaging import (
+from segserve.service.imaging import (
     ImageDecodeError,
     ImageTooLarge,
     class_stats,
@@ -21,7 +21,7 @@ from service.imaging import (
     padded_size,
     preprocess,
 )
-from service.palette import voc_palette
+from segserve.service.palette import voc_palette
 
 LIMIT = 40_000_000
 

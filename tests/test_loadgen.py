@@ -6,8 +6,8 @@ import time
 
 import pytest
 import uvicorn
-from helpers import free_port
 
+from helpers import free_port
 from segserve import loadgen
 from segserve.cli import main
 

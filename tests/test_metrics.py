@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.metrics import ConfusionMatrix, segmentation_scores
+from segserve.training.metrics import ConfusionMatrix, segmentation_scores
 
 
 def test_scores_match_hand_computed_values():

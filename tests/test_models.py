@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from models import FCN, UNet, build_model, convolutionalize_vgg16, fcn_from_coarser
-from models.fcn import bilinear_kernel
-from models.vgg import (
+from segserve.models import FCN, UNet, build_model, convolutionalize_vgg16, fcn_from_coarser
+from segserve.models.fcn import bilinear_kernel
+from segserve.models.vgg import (
     PretrainedWeightsUnavailable,
     load_vgg16_state_dict,
     torchvision_vgg16_state_dict,

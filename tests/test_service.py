@@ -14,12 +14,12 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import image_bytes, run_server
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.imaging import decode_image, decode_rle, preprocess
-from service.model_card import read_card
+from helpers import image_bytes, run_server
+from segserve.service.imaging import decode_image, decode_rle, preprocess
+from segserve.service.model_card import read_card
 
 
 @pytest.fixture(scope="module")
@@ -440,10 +440,10 @@ def test_service_and_cli_import_without_torch():
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-        "import service.app, service.predict, segserve.loadgen\n"
+        "import segserve.service.app, segserve.service.predict, segserve.loadgen\n"
         "from segserve.cli import build_parser\n"
         "build_parser().parse_args(['serve', '--port', '1'])\n"
-        "service.app.create_app()\n"
+        "segserve.service.app.create_app()\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

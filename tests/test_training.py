@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 
 from segserve.cli import MODEL_NAMES, build_parser, main
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.datasets import DatasetError, VOCSegmentation
-from training.synth import SYNTH_CLASSES, SynthConfig, render_sample
-from training.train import train
+from segserve.training.checkpoint import CheckpointError, load_checkpoint
+from segserve.training.datasets import DatasetError, VOCSegmentation
+from segserve.training.synth import SYNTH_CLASSES, SynthConfig, render_sample
+from segserve.training.train import train
 
 
 def test_cli_model_names_match_the_registry():
-    import models
+    from segserve import models
 
     assert MODEL_NAMES == models.MODEL_NAMES
 

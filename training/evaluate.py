@@ -9,13 +9,13 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
-from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.datasets import VOCSegmentation
-from training.transforms import EvalTransform
+from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
+from segserve.training.datasets import VOCSegmentation
+from segserve.training.transforms import EvalTransform
 
 
 def run_eval(args: argparse.Namespace) -> dict:
-    from training.train import evaluate, resolve_device
+    from segserve.training.train import evaluate, resolve_device
 
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt)

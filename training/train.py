@@ -21,17 +21,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-import models
-from training.checkpoint import (
+from segserve import models
+from segserve.training.checkpoint import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from training.datasets import VOCSegmentation
-from training.metrics import ConfusionMatrix, segmentation_scores
-from training.transforms import EvalTransform, TrainTransform
+from segserve.training.datasets import VOCSegmentation
+from segserve.training.metrics import ConfusionMatrix, segmentation_scores
+from segserve.training.transforms import EvalTransform, TrainTransform
 
 METRIC_COLUMNS = [
     "epoch",
