@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from segserve import loadgen
-from segserve.export.repository import existing_versions
+from segserve.contracts.repository import versions_of
 from segserve.service.engine import Engine
 from segserve.service.imaging import decode_image, padded_size, preprocess
 
@@ -94,7 +94,7 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
 
     # 1. The limit: bare session.run.
-    versions = existing_versions(args.repository, args.model)
+    versions = versions_of(args.repository, args.model)
     engine = Engine.load(
         args.repository / args.model / str(versions[-1]) / "model.onnx", "cpu", threads
     )
@@ -103,7 +103,7 @@ def main() -> None:
     ph, pw = padded_size(h, w, card.size_divisor)
     bare = {}
     for n in (1, 2, 4, 8):
-        batch = preprocess([rgb] * n, card.mean, card.std, card.numpy_input_dtype, size=(ph, pw))
+        batch = preprocess([rgb] * n, card.mean, card.std, card.input_dtype, size=(ph, pw))
         s = time_session(engine, batch, 5.0)
         bare[n] = {"ms_per_run": 1000 * s, "images_per_s": n / s}
         print(f"bare session.run batch {n}: {1000 * s:.1f} ms/run, {n / s:.2f} img/s", flush=True)
@@ -118,7 +118,7 @@ def main() -> None:
             [img],
             card.mean,
             card.std,
-            card.numpy_input_dtype,
+            card.input_dtype,
             size=padded_size(sh, sw, card.size_divisor),
         )
         s = time_session(engine, batch, 3.0, min_runs=2)

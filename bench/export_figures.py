@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from segserve.contracts.palette import VOC_CLASSES, voc_palette
 from segserve.export.onnx_export import export_checkpoint
-from segserve.models import build_model, size_divisor
-from segserve.service.palette import VOC_CLASSES, voc_palette
+from segserve.models import build_model
 from segserve.training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
 
 
@@ -27,7 +27,7 @@ def checkpoint(path: Path, arch: str, **opts) -> Path:
     torch.manual_seed(0)
     model = build_model(arch, 21, **opts).eval()
     save_checkpoint(path, architecture=arch, model_options=opts, num_classes=21, class_names=list(VOC_CLASSES),
-                    palette=voc_palette(21), mean=IMAGENET_MEAN, std=IMAGENET_STD, size_divisor=size_divisor(model),
+                    palette=voc_palette(21), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     state_dict=model.state_dict(), metrics={}, trained_on="untrained")  # fmt: skip
     return path
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from bench.compare import start
-from segserve.export.repository import existing_versions
+from segserve.contracts.repository import versions_of
 from segserve.service.engine import Engine
 from segserve.service.imaging import decode_image, preprocess
 
@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     args = p.parse_args()
     files = sorted(args.images.glob("*.jpg"))[: args.limit]
-    versions = existing_versions(args.repository, args.model)
+    versions = versions_of(args.repository, args.model)
     engine = Engine.load(
         args.repository / args.model / str(versions[-1]) / "model.onnx", "cpu", os.cpu_count() or 1
     )
@@ -71,7 +71,7 @@ def main() -> None:
     for f, r in zip(files, responses, strict=True):
         served = np.asarray(Image.open(io.BytesIO(r.content)))
         rgb = decode_image(f.read_bytes(), 10**9)
-        alone = engine.run(preprocess([rgb], card.mean, card.std, card.numpy_input_dtype))[0]
+        alone = engine.run(preprocess([rgb], card.mean, card.std, card.input_dtype))[0]
         agree += int((served == alone).sum())
         total += served.size
     mean_batch = [

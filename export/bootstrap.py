@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from segserve.export.repository import existing_versions
+from segserve.contracts.repository import walk
 
 DEFAULT_NAME = "unet-shapes"
 # The README's CPU recipe; measured on 2 cores, see README.md for the time and mean IU.
@@ -20,9 +20,7 @@ SYNTH_COUNT, SYNTH_MAX_SIZE = 400, 256
 
 
 def repository_has_models(repository: Path) -> bool:
-    if not repository.is_dir():
-        return False
-    return any(existing_versions(repository, p.name) for p in repository.iterdir() if p.is_dir())
+    return next(walk(repository), None) is not None
 
 
 def bootstrap(repository: Path, work: Path, parser_factory) -> Path | None:
@@ -54,9 +52,7 @@ def bootstrap(repository: Path, work: Path, parser_factory) -> Path | None:
         train(args)
     print(f"[3/3] exporting -> {repository / DEFAULT_NAME}")
     result = export_checkpoint(run / "best.pt", repository, DEFAULT_NAME)
-    print(
-        f"default model ready: {result.path} (val mean IU {result.card['metrics']['mean_iu']:.4f})"
-    )
+    print(f"default model ready: {result.path} (val mean IU {result.card.metrics['mean_iu']:.4f})")
     return result.path.parent
 
 

@@ -7,7 +7,6 @@ odd sizes and a batch of two; a failing export leaves the repository as it was.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import tempfile
 import time
@@ -19,7 +18,9 @@ import onnx
 import torch
 from torch import nn
 
-from segserve.export.repository import next_version, version_dir
+from segserve.contracts.architectures import size_divisor
+from segserve.contracts.card import ModelCard
+from segserve.contracts.repository import CARD_FILE, MODEL_FILE, next_version, version_dir
 from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 OPSET = 18
@@ -80,41 +81,31 @@ class ParityReport:
         }
 
 
-def model_card(ckpt: dict, name: str, version: int, fp16: bool, argmax: bool) -> dict:
-    """The fields of DESIGN.md's model card; everything the service needs to know."""
-    dtype = "float16" if fp16 else "float32"
-    return {
-        "name": name,
-        "version": version,
-        "architecture": ckpt["architecture"],
-        "model_options": ckpt["model_options"],
-        "num_classes": ckpt["num_classes"],
-        "class_names": ckpt["class_names"],
-        "palette": ckpt["palette"][: ckpt["num_classes"]],
-        "mean": ckpt["mean"],
-        "std": ckpt["std"],
-        "input_name": "image",
-        "input_layout": f"NCHW {dtype}",
-        "input_dtype": dtype,
-        "output": "labels" if argmax else "logits",
-        "output_dtype": "uint8" if argmax else dtype,
-        "size_divisor": int(
-            ckpt.get("size_divisor", 32 if ckpt["architecture"].startswith("fcn") else 16)
-        ),
-        "trained_on": ckpt.get("trained_on", "unknown"),
-        "metrics": {
+def model_card(ckpt: dict, name: str, version: int, fp16: bool, argmax: bool) -> ModelCard:
+    """The card of what is being exported: everything the service needs to know."""
+    return ModelCard(
+        name=name,
+        version=version,
+        architecture=ckpt["architecture"],
+        model_options=ckpt["model_options"],
+        num_classes=ckpt["num_classes"],
+        class_names=ckpt["class_names"],
+        palette=ckpt["palette"][: ckpt["num_classes"]],
+        mean=ckpt["mean"],
+        std=ckpt["std"],
+        input_dtype="float16" if fp16 else "float32",
+        input_layout="NCHW",
+        output="labels" if argmax else "logits",
+        size_divisor=size_divisor(ckpt["architecture"]),
+        trained_on=ckpt.get("trained_on", "unknown"),
+        metrics={
             k: ckpt.get("metrics", {}).get(k)
             for k in ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
         },
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": str(torch.__version__),
-        "opset": OPSET,
-    }
-
-
-def card_to_metadata(card: dict) -> dict[str, str]:
-    """ONNX metadata_props are strings: plain strings stay, everything else is JSON."""
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in card.items()}
+        exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        torch_version=str(torch.__version__),
+        opset=OPSET,
+    )
 
 
 def write_onnx(segmenter: nn.Module, path: Path, fp16: bool) -> None:
@@ -134,12 +125,12 @@ def write_onnx(segmenter: nn.Module, path: Path, fp16: bool) -> None:
     program.save(str(path))
 
 
-def attach_metadata(path: Path, card: dict) -> None:
+def attach_metadata(path: Path, card: ModelCard) -> None:
     model = onnx.load(str(path))
     del model.metadata_props[:]
-    for key, value in card_to_metadata(card).items():
+    for key, value in card.to_metadata().items():
         model.metadata_props.add(key=key, value=value)
-    model.doc_string = f"segserve {card['architecture']} ({card['name']} v{card['version']})"
+    model.doc_string = f"segserve {card.architecture} ({card.name} v{card.version})"
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
 
@@ -200,7 +191,7 @@ def check_parity(
 @dataclass
 class ExportResult:
     path: Path
-    card: dict
+    card: ModelCard
     parity: ParityReport
     export_s: float
     file_bytes: int
@@ -232,7 +223,7 @@ def export_checkpoint(
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
-        raw, final = Path(tmp) / "raw.onnx", Path(tmp) / "model.onnx"
+        raw, final = Path(tmp) / "raw.onnx", Path(tmp) / MODEL_FILE
         segmenter = Segmenter(net, argmax).eval()
         if fp16:
             segmenter = Segmenter(model_from_checkpoint(ckpt).half(), argmax).eval()
@@ -247,7 +238,7 @@ def export_checkpoint(
         attach_metadata(final, card)
         log(f"parity against PyTorch on {len(parity_shapes)} shapes ...")
         report = check_parity(final, net, fp16, argmax, parity_shapes)
-        card["parity"] = report.as_dict()
+        card = card.replace(parity=report.as_dict())
         if not report.passed:
             raise ParityError(
                 f"parity failed, nothing published: max |delta logits| {report.max_abs_diff} "
@@ -255,7 +246,7 @@ def export_checkpoint(
                 f"(limit {report.threshold_agreement:.2%})"
             )
         attach_metadata(final, card)  # the card now carries its own parity figures
-        (Path(tmp) / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+        (Path(tmp) / CARD_FILE).write_text(card.to_json())
         raw.unlink()
         if target.exists():
             shutil.rmtree(target)
@@ -265,5 +256,5 @@ def export_checkpoint(
         target.chmod(0o755)
         # TemporaryDirectory's cleanup must not fail on the moved folder.
         Path(tmp).mkdir()
-    path = target / "model.onnx"
+    path = target / MODEL_FILE
     return ExportResult(path, card, report, time.perf_counter() - t0, path.stat().st_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from segserve.contracts.architectures import FCN_STRIDES, MODEL_NAMES
 from segserve.models.fcn import FCN, fcn_from_coarser
 from segserve.models.unet import UNet
 from segserve.models.vgg import (
@@ -11,9 +12,6 @@ from segserve.models.vgg import (
     convolutionalize_vgg16,
     load_vgg16_state_dict,
 )
-
-MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s", "unet")
-FCN_STRIDES = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8}
 
 
 def build_model(name: str, num_classes: int, **opts) -> nn.Module:
@@ -37,18 +35,13 @@ def build_model(name: str, num_classes: int, **opts) -> nn.Module:
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
 
 
-def size_divisor(model: nn.Module) -> int:
-    """The stride an input is padded to when batching without changing what the net sees."""
-    return 32 if isinstance(model, FCN) else UNet.size_divisor
-
-
 __all__ = [
     "FCN",
+    "FCN_STRIDES",
     "MODEL_NAMES",
     "PretrainedWeightsUnavailable",
     "UNet",
     "build_model",
     "convolutionalize_vgg16",
     "fcn_from_coarser",
-    "size_divisor",
 ]

@@ -7,12 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from segserve.contracts.architectures import MODEL_NAMES
+
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
-
-
-MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s", "unet")  # models.MODEL_NAMES, without importing torch
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -152,7 +151,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"\n{'written':<14}{result.path}")
     print(f"{'file size':<14}{result.file_bytes / 1e6:.1f} MB")
     print(f"{'export time':<14}{result.export_s:.1f} s")
-    print(f"{'output':<14}{result.card['output']} ({result.card['output_dtype']})")
+    print(f"{'output':<14}{result.card.output} ({result.card.output_dtype})")
     print(
         f"{'parity':<14}max |dlogits| {p.max_abs_diff if p.max_abs_diff is not None else '-'}, agreement {p.agreement:.4%}: passed"
     )

@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.metrics.batch_size.labels(model.name).observe(size)
 
         return Batcher(
-            model.engine.run, card.mean, card.std, card.numpy_input_dtype, card.size_divisor,
+            model.engine.run, card.mean, card.std, card.input_dtype, card.size_divisor,
             settings.max_batch_size, settings.max_queue_delay_ms, settings.max_queue,
             settings.max_padding_fraction, on_batch,
         )  # fmt: skip
@@ -152,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     [image],
                     model.card.mean,
                     model.card.std,
-                    model.card.numpy_input_dtype,
+                    model.card.input_dtype,
                     size=(ph, pw),
                 )
             )

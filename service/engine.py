@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from segserve.contracts.card import ModelCard
 from segserve.service.imaging import labels_from_output
-from segserve.service.model_card import ModelCard, read_card
 
 log = logging.getLogger("segserve.engine")
 
@@ -81,7 +81,11 @@ class Engine:
             providers=providers,
             provider_options=provider_options(providers, cudnn_conv_algo_search),
         )
-        return cls(session=session, card=read_card(session), path=Path(path))
+        return cls(
+            session=session,
+            card=ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map),
+            path=Path(path),
+        )
 
     @property
     def provider(self) -> str:

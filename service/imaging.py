@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from segserve.service.palette import palette_array, pil_palette
+from segserve.contracts.palette import palette_array, pil_palette
 
 
 class ImageDecodeError(ValueError):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segserve.contracts.card import ModelCard
 from segserve.service.imaging import (
     decode_image,
     encode_label_png,
@@ -15,7 +16,6 @@ from segserve.service.imaging import (
     overlay,
     preprocess,
 )
-from segserve.service.model_card import read_card
 
 
 def predict_files(
@@ -24,13 +24,13 @@ def predict_files(
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    card = read_card(session)
+    card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
         rgb = decode_image(Path(path).read_bytes(), max_pixels)
         h, w = rgb.shape[:2]
-        batch = preprocess([rgb], card.mean, card.std, card.numpy_input_dtype)
+        batch = preprocess([rgb], card.mean, card.std, card.input_dtype)
         labels = labels_from_output(session.run(None, {"image": batch})[0])[0, :h, :w]
         if fmt == "overlay":
             target = out / f"{Path(path).stem}_overlay.png"

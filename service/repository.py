@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from segserve.contracts.repository import walk
 from segserve.service.batcher import Batcher
 from segserve.service.engine import Engine
 from segserve.service.errors import ServiceError
@@ -51,36 +52,25 @@ class ModelRegistry:
                 FailedModel("*", "*", f"model repository {repository} does not exist")
             )
             return registry
-        for model_dir in sorted(
-            p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")
-        ):
-            for version_dir in sorted(
-                (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
-                key=lambda p: int(p.name),
-            ):
-                path = version_dir / "model.onnx"
-                if not path.is_file():
-                    continue
-                try:
-                    engine = load_engine(path)
-                except Exception as exc:  # any load failure is reported, never fatal
-                    log.error("could not load %s: %s", path, exc)
-                    registry.failed.append(
-                        FailedModel(
-                            model_dir.name, version_dir.name, f"{exc.__class__.__name__}: {exc}"
-                        )
-                    )
-                    continue
-                registry.models.setdefault(model_dir.name, {})[int(version_dir.name)] = LoadedModel(
-                    model_dir.name, int(version_dir.name), engine
+        for entry in walk(repository):
+            try:
+                engine = load_engine(entry.model_path)
+            except Exception as exc:  # any load failure is reported, never fatal
+                log.error("could not load %s: %s", entry.model_path, exc)
+                registry.failed.append(
+                    FailedModel(entry.name, str(entry.version), f"{exc.__class__.__name__}: {exc}")
                 )
-                log.info(
-                    "loaded %s v%s (%s, %s)",
-                    model_dir.name,
-                    version_dir.name,
-                    engine.card.architecture,
-                    engine.provider,
-                )
+                continue
+            registry.models.setdefault(entry.name, {})[entry.version] = LoadedModel(
+                entry.name, entry.version, engine
+            )
+            log.info(
+                "loaded %s v%s (%s, %s)",
+                entry.name,
+                entry.version,
+                engine.card.architecture,
+                engine.provider,
+            )
         return registry
 
     def all(self) -> list[LoadedModel]:

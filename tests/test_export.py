@@ -12,8 +12,8 @@ from PIL import Image
 import segserve.export.onnx_export as onnx_export
 from helpers import make_checkpoint
 from segserve.cli import main
+from segserve.contracts.card import ModelCard
 from segserve.export.onnx_export import export_checkpoint
-from segserve.service.model_card import read_card
 from segserve.training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointError
 
 # Two shapes keep the FCN-8s export test affordable on two cores; the default gate uses five.
@@ -51,9 +51,10 @@ def test_export_writes_a_versioned_model_with_metadata(unet_export):
     for key in ("name", "architecture", "num_classes", "input_layout", "output", "size_divisor", "trained_on",
                 "exported_at", "torch_version", "opset"):  # fmt: skip
         assert key in meta and key in card
-    assert meta["input_layout"] == "NCHW float32" and meta["output"] == "logits"
+    assert meta["input_layout"] == "NCHW" and meta["input_dtype"] == "float32"
+    assert meta["output"] == "logits"
     assert json.loads(meta["parity"])["passed"] is True
-    parsed = read_card(session)
+    parsed = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
     assert parsed.num_classes == 4 and parsed.size_divisor == 16 and parsed.name == "shapes"
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert [o.name for o in session.get_outputs()] == ["logits"]
@@ -91,7 +92,7 @@ def test_versions_count_up_and_are_never_overwritten_without_force(unet_ckpt, tm
         unet_ckpt, tmp_path, "m", parity_shapes=FAST_SHAPES, optimize=True, log=lambda *_: None
     )
     assert second.parity.passed
-    assert (first.card["version"], second.card["version"]) == (1, 2)
+    assert (first.card.version, second.card.version) == (1, 2)
     with pytest.raises(FileExistsError, match="--force"):
         export_checkpoint(
             unet_ckpt, tmp_path, "m", version=1, parity_shapes=FAST_SHAPES, log=lambda *_: None
@@ -138,7 +139,7 @@ def test_argmax_variant_outputs_uint8_labels_equal_to_argmax_of_logits(
     result = export_checkpoint(
         unet_ckpt, tmp_path, "argmax", argmax=True, parity_shapes=FAST_SHAPES, log=lambda *_: None
     )
-    assert result.card["output"] == "labels" and result.parity.agreement == 1.0
+    assert result.card.output == "labels" and result.parity.agreement == 1.0
     labels_sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     logits_sess = ort.InferenceSession(str(unet_export.path), providers=["CPUExecutionProvider"])
     assert labels_sess.get_outputs()[0].name == "labels"
@@ -153,11 +154,11 @@ def test_fp16_variant_states_its_types_and_reports_parity(unet_ckpt, tmp_path):
     result = export_checkpoint(
         unet_ckpt, tmp_path, "half", fp16=True, parity_shapes=FAST_SHAPES, log=lambda *_: None
     )
-    assert result.card["input_dtype"] == "float16" and result.card["input_layout"] == "NCHW float16"
+    assert result.card.input_dtype == "float16" and result.card.input_layout == "NCHW"
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(float16)"
     assert result.parity.agreement >= onnx_export.FP16_MIN_AGREEMENT
-    assert result.card["parity"]["threshold_agreement"] == onnx_export.FP16_MIN_AGREEMENT
+    assert result.card.parity["threshold_agreement"] == onnx_export.FP16_MIN_AGREEMENT
 
 
 def test_fcn8s_exports_with_dynamic_sizes(tmp_path):
@@ -165,7 +166,7 @@ def test_fcn8s_exports_with_dynamic_sizes(tmp_path):
     result = export_checkpoint(
         ckpt, tmp_path / "repo", "fcn", parity_shapes=FAST_SHAPES[:2], log=lambda *_: None
     )
-    assert result.parity.passed and result.card["size_divisor"] == 32
+    assert result.parity.passed and result.card.size_divisor == 32
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     out = session.run(None, {"image": np.zeros((1, 3, 45, 61), np.float32)})[0]
     assert out.shape == (1, 3, 45, 61)

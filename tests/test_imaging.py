@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from segserve.contracts.palette import voc_palette
 from segserve.service.imaging import (
     ImageDecodeError,
     ImageTooLarge,
@@ -21,7 +22,6 @@ from segserve.service.imaging import (
     padded_size,
     preprocess,
 )
-from segserve.service.palette import voc_palette
 
 LIMIT = 40_000_000
 

@@ -18,8 +18,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import image_bytes, run_server
+from segserve.contracts.card import ModelCard
 from segserve.service.imaging import decode_image, decode_rle, preprocess
-from segserve.service.model_card import read_card
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def reference(tiny_repository):
     session = ort.InferenceSession(
         str(tiny_repository / "tiny" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
     )
-    card = read_card(session)
+    card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
 
     def labels(data: bytes) -> np.ndarray:
         rgb = decode_image(data, 10**8)

@@ -14,10 +14,19 @@ from segserve.training.synth import SYNTH_CLASSES, SynthConfig, render_sample
 from segserve.training.train import train
 
 
-def test_cli_model_names_match_the_registry():
-    from segserve import models
+def test_every_architecture_the_contract_names_builds_with_its_stride():
+    """The CLI and exporter name architectures from segserve.contracts (no torch); each
+    one builds, and padding an input to its size divisor is what the network itself needs."""
+    from segserve.contracts.architectures import size_divisor
+    from segserve.models import UNet, build_model
+    from segserve.models.fcn import VGG16_BLOCKS
 
-    assert MODEL_NAMES == models.MODEL_NAMES
+    assert MODEL_NAMES == ("fcn32s", "fcn16s", "fcn8s", "unet")
+    for name in MODEL_NAMES:
+        with torch.device("meta"):  # the structure without 134 M real parameters
+            model = build_model(name, 2)
+        expected = UNet.size_divisor if isinstance(model, UNet) else 2 ** len(VGG16_BLOCKS)
+        assert size_divisor(name) == expected
 
 
 def test_synthetic_samples_are_deterministic_and_labelled_like_voc():

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segserve.models import MODEL_NAMES, build_model
+from segserve.contracts.architectures import MODEL_NAMES
+from segserve.models import build_model
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segserve.service.palette import VOC_CLASSES, voc_palette
+from segserve.contracts.palette import VOC_CLASSES, voc_palette
 
 
 class DatasetError(ValueError):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from segserve.service.palette import pil_palette, voc_palette
+from segserve.contracts.palette import pil_palette, voc_palette
 
 SYNTH_CLASSES = (
     "background", "disc", "ring", "square", "triangle", "star", "cross", "bar", "hexagon",

@@ -280,7 +280,7 @@ def train(args: argparse.Namespace) -> dict:
         fields = dict(
             architecture=args.model, model_options=model_options, num_classes=num_classes,
             class_names=train_set.class_names, palette=train_set.palette, mean=mean, std=std,
-            size_divisor=models.size_divisor(model), state_dict=model.state_dict(), metrics=val_metrics,
+            state_dict=model.state_dict(), metrics=val_metrics,
             epoch=epoch, trained_on=str(train_set.root), torch_version=str(torch.__version__),
         )  # fmt: skip
         is_best = scores["mean_iu"] > best_iu

@@ -1,0 +1,179 @@
+"""The model card: what a served ONNX file says about itself.
+
+One dataclass, one list of keys. `segserve export` and `segserve import` write it into the
+ONNX file's metadata_props (strings: plain strings stay, everything else is JSON) and beside
+it as model.json; the service reads it back. Nothing about classes, palette, input or output
+is hard-coded anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+INPUT_DTYPES = ("uint8", "float32", "float16")
+INPUT_LAYOUTS = ("NHWC", "NCHW")
+OUTPUTS = ("labels", "logits")
+# The keys a card cannot do without; every other field has a default.
+REQUIRED = (
+    "name",
+    "architecture",
+    "num_classes",
+    "class_names",
+    "palette",
+    "mean",
+    "std",
+    "output",
+    "size_divisor",
+)
+
+
+class ModelCardError(ValueError):
+    """Metadata that is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    architecture: str
+    num_classes: int
+    class_names: list[str]
+    palette: list[list[int]]  # [r, g, b] per class
+    mean: list[float]  # RGB, 0..1 scale; applied in the graph for uint8 inputs
+    std: list[float]
+    output: str  # "labels": uint8 [N, H, W] (argmax in the graph); "logits": [N, C, H, W]
+    size_divisor: int  # the stride an input is padded to without changing what the net sees
+    version: int = 1
+    input_name: str = "image"
+    # uint8 NHWC: raw RGB pixels, normalised in the graph (segserve export's default).
+    # float32/float16 NCHW: pixels already normalised with mean/std (older exports, imports).
+    input_dtype: str = "float32"
+    input_layout: str = "NCHW"
+    output_name: str = ""  # defaults to `output`
+    model_options: dict[str, Any] = field(default_factory=dict)
+    trained_on: str = "unknown"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    exported_at: str = ""
+    producer: str = "segserve export"
+    torch_version: str = ""
+    opset: int | None = None
+    parity: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.output_name:
+            object.__setattr__(self, "output_name", self.output)
+        problems = []
+        if self.input_dtype not in INPUT_DTYPES:
+            problems.append(f"input_dtype must be one of {INPUT_DTYPES}, not {self.input_dtype!r}")
+        if self.input_layout not in INPUT_LAYOUTS:
+            problems.append(f"input_layout must be NHWC or NCHW, not {self.input_layout!r}")
+        if self.output not in OUTPUTS:
+            problems.append(f"output must be labels or logits, not {self.output!r}")
+        if self.num_classes < 1 or len(self.class_names) != self.num_classes:
+            problems.append(
+                f"{len(self.class_names)} class_names for num_classes {self.num_classes}"
+            )
+        if len(self.palette) < self.num_classes or any(
+            len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in self.palette
+        ):
+            problems.append("palette needs an [r, g, b] (0..255) for every class")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            problems.append("mean and std need three values (RGB), std positive")
+        if self.size_divisor < 1:
+            problems.append(f"size_divisor must be at least 1, not {self.size_divisor}")
+        if self.output == "labels" and self.num_classes > 256:
+            problems.append("a labels output is uint8: at most 256 classes")
+        if problems:
+            raise ModelCardError("model card: " + "; ".join(problems))
+
+    # -- views -------------------------------------------------------------------------
+
+    @property
+    def takes_uint8(self) -> bool:
+        return self.input_dtype == "uint8"
+
+    @property
+    def output_dtype(self) -> str:
+        return "uint8" if self.output == "labels" else self.input_dtype.replace("uint8", "float32")
+
+    def class_id(self, key: str) -> int:
+        """A class by name, or by its id written in ASCII digits."""
+        if key in self.class_names:
+            return self.class_names.index(key)
+        if key.isascii() and key.isdigit() and int(key) < self.num_classes:
+            return int(key)
+        raise KeyError(key)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> ModelCard:
+        return ModelCard.from_dict({**self.as_dict(), **changes})
+
+    # -- serialisation -----------------------------------------------------------------
+
+    def to_metadata(self) -> dict[str, str]:
+        """ONNX metadata_props are strings: str fields stay as they are, the rest is JSON."""
+        return {
+            k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in self.as_dict().items()
+            if v is not None
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> ModelCard:
+        """Parse the string map onnxruntime returns (`custom_metadata_map`)."""
+        text_fields = {f.name for f in fields(cls) if f.type == "str"}
+        values: dict[str, Any] = {}
+        for key, raw in props.items():
+            if key in text_fields:
+                values[key] = raw
+                continue
+            try:
+                values[key] = json.loads(raw)
+            except ValueError:
+                values[key] = raw  # a foreign key of plain text: kept as text
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelCard:
+        missing = [k for k in REQUIRED if k not in values]
+        if missing:
+            raise ModelCardError(
+                f"model card lacks {missing}: write one with `segserve export`, or bring a "
+                "foreign ONNX in with `segserve import`"
+            )
+        values = _upgrade(dict(values))
+        known = {f.name for f in fields(cls)}
+        try:
+            card = cls(
+                name=str(values["name"]),
+                architecture=str(values["architecture"]),
+                num_classes=int(values["num_classes"]),
+                class_names=[str(c) for c in values["class_names"]],
+                palette=[[int(v) for v in c] for c in values["palette"]],
+                mean=[float(v) for v in values["mean"]],
+                std=[float(v) for v in values["std"]],
+                output=str(values["output"]),
+                size_divisor=int(values["size_divisor"]),
+                **{k: values[k] for k in known - set(REQUIRED) if k in values},
+            )
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ModelCardError):
+                raise
+            raise ModelCardError(f"malformed model card: {exc}") from exc
+        return card
+
+
+def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """Cards written before uint8 inputs said `input_layout: "NCHW float32"` and put the
+    output's kind and name in one key; read them as the float NCHW models they are."""
+    layout = values.get("input_layout")
+    if isinstance(layout, str) and " " in layout:
+        values["input_layout"], _, dtype = layout.partition(" ")
+        values.setdefault("input_dtype", dtype)
+    return values

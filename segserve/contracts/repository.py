@@ -1,0 +1,80 @@
+"""The model repository's layout (Triton-like), the one walk over it that every stage uses.
+
+    REPO/NAME/VERSION/model.onnx
+    REPO/NAME/VERSION/model.json    the model card, also inside model.onnx's metadata
+
+VERSION is a positive integer; the newest version of a name is its default.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "model.json"
+# Names travel in URLs, metric labels and file paths: keep them to a safe alphabet.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,8}")  # ASCII digits, no leading zero
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    name: str
+    version: int
+    folder: Path
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    @property
+    def card_path(self) -> Path:
+        return self.folder / CARD_FILE
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name or ""):
+        raise ValueError(
+            f"bad model name {name!r}: use letters, digits, '.', '_' or '-' (at most 64), "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def version_dir(repository: Path, name: str, version: int) -> Path:
+    if version < 1:
+        raise ValueError(f"versions count from 1, not {version}")
+    return Path(repository) / check_name(name) / str(version)
+
+
+def walk(repository: Path) -> Iterator[VersionEntry]:
+    """Every NAME/VERSION holding a model.onnx, by name then version (as integers).
+
+    Hidden folders (an export's temporary `.name-*`) and versions that are not plain
+    positive integers are skipped.
+    """
+    repository = Path(repository)
+    if not repository.is_dir():
+        return
+    for model_dir in sorted(repository.iterdir()):
+        if not model_dir.is_dir() or not NAME_PATTERN.fullmatch(model_dir.name):
+            continue
+        versions = sorted(
+            (int(p.name), p)
+            for p in model_dir.iterdir()
+            if VERSION_PATTERN.fullmatch(p.name) and p.is_dir() and (p / MODEL_FILE).is_file()
+        )
+        for version, folder in versions:
+            yield VersionEntry(model_dir.name, version, folder)
+
+
+def versions_of(repository: Path, name: str) -> list[int]:
+    return [e.version for e in walk(repository) if e.name == name]
+
+
+def next_version(repository: Path, name: str) -> int:
+    versions = versions_of(repository, name)
+    return versions[-1] + 1 if versions else 1
