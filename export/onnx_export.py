@@ -1,5 +1,11 @@
 """Checkpoint -> ONNX with dynamic N, H, W, the model card as metadata, and a parity gate.
 
+By default the graph takes what a decoder produces and gives what a client wants: uint8
+RGB pixels N x H x W x 3 in (normalised inside the graph) and uint8 labels N x H x W out
+(argmax inside the graph). The server then does no float work at all, and on a GPU the
+bytes crossing the bus drop 4x in and about 4*C x out. `--output logits` keeps the scores;
+`--input float` keeps the older float N x 3 x H x W input, normalised by the caller.
+
 Nothing is published to the repository until onnxruntime reproduces PyTorch on several
 odd sizes and a batch of two; a failing export leaves the repository as it was.
 """
@@ -24,9 +30,9 @@ from segserve.contracts.repository import CARD_FILE, MODEL_FILE, next_version, v
 from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 OPSET = 18
-TRACE_SHAPE = (1, 3, 64, 64)
-# Odd sizes, sizes not divisible by 32, far from the trace size, and a batch of two.
-PARITY_SHAPES = ((1, 3, 37, 53), (2, 3, 75, 101), (1, 3, 1, 1), (1, 3, 257, 191), (1, 3, 320, 480))
+TRACE_SIZE = (64, 64)
+# (N, H, W): odd sizes, sizes not divisible by 32, far from the trace size, a batch of two.
+PARITY_SHAPES = ((1, 37, 53), (2, 75, 101), (1, 1, 1), (1, 257, 191), (1, 320, 480))
 FP32_MAX_ABS = 1e-3
 FP32_MIN_AGREEMENT = 0.9999
 # fp16 rounds logits to ~3 significant digits, so near-ties between classes may flip: we
@@ -39,17 +45,25 @@ class ParityError(RuntimeError):
 
 
 class Segmenter(nn.Module):
-    """What is exported: the network, ending in logits or (argmax variant) uint8 labels."""
+    """What is exported: [uint8 pixels -> normalisation ->] the network -> logits or labels."""
 
-    def __init__(self, net: nn.Module, argmax: bool) -> None:
+    def __init__(
+        self, net: nn.Module, mean, std, uint8_input: bool, labels: bool, dtype: torch.dtype
+    ) -> None:
         super().__init__()
-        self.net = net
-        self.argmax = argmax
+        self.net, self.uint8_input, self.labels = net, uint8_input, labels
+        std_t = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add on the device.
+        self.register_buffer("scale", (1 / (255 * std_t)).to(dtype))
+        self.register_buffer("shift", (mean_t / std_t).to(dtype))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        logits = self.net(image)
-        if self.argmax:
-            # One byte per pixel leaves the GPU instead of 4 * C.
+        x = image
+        if self.uint8_input:
+            x = image.permute(0, 3, 1, 2).to(self.scale.dtype) * self.scale - self.shift
+        logits = self.net(x)
+        if self.labels:
             return logits.argmax(1).to(torch.uint8)
         return logits
 
@@ -81,7 +95,9 @@ class ParityReport:
         }
 
 
-def model_card(ckpt: dict, name: str, version: int, fp16: bool, argmax: bool) -> ModelCard:
+def model_card(
+    ckpt: dict, name: str, version: int, fp16: bool, labels: bool, uint8_input: bool
+) -> ModelCard:
     """The card of what is being exported: everything the service needs to know."""
     return ModelCard(
         name=name,
@@ -93,9 +109,10 @@ def model_card(ckpt: dict, name: str, version: int, fp16: bool, argmax: bool) ->
         palette=ckpt["palette"][: ckpt["num_classes"]],
         mean=ckpt["mean"],
         std=ckpt["std"],
-        input_dtype="float16" if fp16 else "float32",
-        input_layout="NCHW",
-        output="labels" if argmax else "logits",
+        input_dtype="uint8" if uint8_input else "float16" if fp16 else "float32",
+        input_layout="NHWC" if uint8_input else "NCHW",
+        precision="float16" if fp16 else "float32",
+        output="labels" if labels else "logits",
         size_divisor=size_divisor(ckpt["architecture"]),
         trained_on=ckpt.get("trained_on", "unknown"),
         metrics={
@@ -108,16 +125,21 @@ def model_card(ckpt: dict, name: str, version: int, fp16: bool, argmax: bool) ->
     )
 
 
-def write_onnx(segmenter: nn.Module, path: Path, fp16: bool) -> None:
+def write_onnx(segmenter: Segmenter, path: Path) -> None:
     """Export with the dynamo exporter; N, H and W stay symbolic (no size baked in)."""
-    dtype = torch.float16 if fp16 else torch.float32
-    example = torch.randn(*TRACE_SHAPE, dtype=dtype)
+    h, w = TRACE_SIZE
+    if segmenter.uint8_input:
+        example = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
+        dims = {0: "batch", 1: "height", 2: "width"}
+    else:
+        example = torch.randn(1, 3, h, w, dtype=segmenter.scale.dtype)
+        dims = {0: "batch", 2: "height", 3: "width"}
     program = torch.onnx.export(
         segmenter,
         (example,),
         input_names=["image"],
-        output_names=["labels" if segmenter.argmax else "logits"],
-        dynamic_shapes={"image": {0: "batch", 2: "height", 3: "width"}},
+        output_names=["labels" if segmenter.labels else "logits"],
+        dynamic_shapes={"image": dims},
         opset_version=OPSET,
         dynamo=True,
         verbose=False,
@@ -125,14 +147,15 @@ def write_onnx(segmenter: nn.Module, path: Path, fp16: bool) -> None:
     program.save(str(path))
 
 
-def attach_metadata(path: Path, card: ModelCard) -> None:
-    model = onnx.load(str(path))
+def attach_metadata(src: Path, card: ModelCard, dst: Path) -> None:
+    """`src` with the card in its metadata_props, checked, written to `dst`."""
+    model = onnx.load(str(src))
     del model.metadata_props[:]
     for key, value in card.to_metadata().items():
         model.metadata_props.add(key=key, value=value)
     model.doc_string = f"segserve {card.architecture} ({card.name} v{card.version})"
     onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
+    onnx.save(model, str(dst))
 
 
 def optimize_offline(src: Path, dst: Path) -> None:
@@ -150,39 +173,49 @@ def optimize_offline(src: Path, dst: Path) -> None:
 
 
 def check_parity(
-    onnx_path: Path, net: nn.Module, fp16: bool, argmax: bool, shapes=PARITY_SHAPES, seed: int = 0
+    onnx_path: Path,
+    net: nn.Module,
+    card: ModelCard,
+    fp16: bool = False,
+    shapes=PARITY_SHAPES,
+    seed: int = 0,
 ) -> ParityReport:
-    """Run onnxruntime against the fp32 PyTorch net on `shapes`; logits |delta| and label agreement."""
+    """onnxruntime against the fp32 PyTorch net, on random pixel images of `shapes` (N, H, W)
+    fed as the card says; logits |delta| (logits output) and label agreement."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)
     max_abs, agree, total, per_shape = 0.0, 0, 0, []
     net = net.float().eval()
-    for shape in shapes:
-        x = torch.randn(*shape, generator=gen)
+    mean = torch.tensor(card.mean).view(1, 3, 1, 1)
+    std = torch.tensor(card.std).view(1, 3, 1, 1)
+    labels_out = card.output == "labels"
+    for n, h, w in shapes:
+        pixels = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=gen)
+        x = (pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std
         with torch.inference_mode():
             ref = net(x).numpy()
-        feed = x.numpy().astype(np.float16 if fp16 else np.float32)
-        out = session.run(None, {"image": feed})[0]
-        if out.shape[:1] + out.shape[-2:] != (shape[0], shape[2], shape[3]):
-            raise ParityError(f"onnxruntime returned shape {out.shape} for input {shape}")
+        feed = pixels.numpy() if card.takes_uint8 else x.numpy().astype(card.input_dtype)
+        out = session.run(None, {card.input_name: feed})[0]
+        if out.shape[:1] + out.shape[-2:] != (n, h, w):
+            raise ParityError(f"onnxruntime returned shape {out.shape} for input {(n, h, w)}")
         ref_labels = ref.argmax(1)
-        labels = out if argmax else out.astype(np.float32).argmax(1)
+        labels = out if labels_out else out.astype(np.float32).argmax(1)
         same = int((labels == ref_labels).sum())
-        diff = None if argmax else float(np.abs(out.astype(np.float32) - ref).max())
+        diff = None if labels_out else float(np.abs(out.astype(np.float32) - ref).max())
         if diff is not None:
             max_abs = max(max_abs, diff)
         agree += same
         total += ref_labels.size
         per_shape.append(
-            {"shape": list(shape), "max_abs_diff": diff, "agreement": same / ref_labels.size}
+            {"shape": [n, h, w], "max_abs_diff": diff, "agreement": same / ref_labels.size}
         )
     return ParityReport(
         shapes=list(shapes),
-        max_abs_diff=None if argmax else max_abs,
+        max_abs_diff=None if labels_out else max_abs,
         agreement=agree / total,
-        threshold_max_abs=None if (argmax or fp16) else FP32_MAX_ABS,
+        threshold_max_abs=None if (labels_out or fp16) else FP32_MAX_ABS,
         threshold_agreement=FP16_MIN_AGREEMENT if fp16 else FP32_MIN_AGREEMENT,
         per_shape=per_shape,
     )
@@ -203,14 +236,25 @@ def export_checkpoint(
     name: str,
     version: int | None = None,
     fp16: bool = False,
-    argmax: bool = False,
+    output: str = "labels",
+    input: str = "uint8",
     force: bool = False,
     optimize: bool = False,
     parity_shapes=PARITY_SHAPES,
     log=print,
 ) -> ExportResult:
+    """Export a checkpoint into REPO/NAME/VERSION. `output`: labels | logits; `input`: uint8
+    (NHWC pixels, normalised in the graph) | float (NCHW, normalised by the caller)."""
+    if output not in ("labels", "logits") or input not in ("uint8", "float"):
+        raise ValueError(
+            f"output must be labels or logits, input uint8 or float ({output}, {input})"
+        )
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
+    if output == "labels" and ckpt["num_classes"] > 256:
+        raise ValueError(
+            f"{ckpt['num_classes']} classes do not fit uint8 labels: use --output logits"
+        )
     net = model_from_checkpoint(ckpt).eval()
     repository = Path(repository)
     version = next_version(repository, name) if version is None else int(version)
@@ -219,25 +263,27 @@ def export_checkpoint(
         raise FileExistsError(
             f"{target} exists; pass --force to overwrite it or omit --version for a new one"
         )
-    card = model_card(ckpt, name, version, fp16, argmax)
+    card = model_card(ckpt, name, version, fp16, output == "labels", input == "uint8")
+    dtype = torch.float16 if fp16 else torch.float32
+    exported = model_from_checkpoint(ckpt).half().eval() if fp16 else net
+    segmenter = Segmenter(
+        exported, card.mean, card.std, card.takes_uint8, card.output == "labels", dtype
+    ).eval()
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
         raw, final = Path(tmp) / "raw.onnx", Path(tmp) / MODEL_FILE
-        segmenter = Segmenter(net, argmax).eval()
-        if fp16:
-            segmenter = Segmenter(model_from_checkpoint(ckpt).half(), argmax).eval()
         log(
             f"exporting {ckpt['architecture']} ({ckpt['num_classes']} classes) to ONNX opset {OPSET} ..."
         )
-        write_onnx(segmenter, raw, fp16)
+        write_onnx(segmenter, raw)
         if optimize:
-            optimize_offline(raw, final)
-        else:
-            shutil.copy(raw, final)
-        attach_metadata(final, card)
+            optimized = Path(tmp) / "optimized.onnx"
+            optimize_offline(raw, optimized)
+            raw.unlink()
+            raw = optimized
         log(f"parity against PyTorch on {len(parity_shapes)} shapes ...")
-        report = check_parity(final, net, fp16, argmax, parity_shapes)
+        report = check_parity(raw, net, card, fp16, parity_shapes)
         card = card.replace(parity=report.as_dict())
         if not report.passed:
             raise ParityError(
@@ -245,7 +291,7 @@ def export_checkpoint(
                 f"(limit {report.threshold_max_abs}), argmax agreement {report.agreement:.6%} "
                 f"(limit {report.threshold_agreement:.2%})"
             )
-        attach_metadata(final, card)  # the card now carries its own parity figures
+        attach_metadata(raw, card, final)  # the card carries its own parity figures
         (Path(tmp) / CARD_FILE).write_text(card.to_json())
         raw.unlink()
         if target.exists():

@@ -51,6 +51,7 @@ class ModelCard:
     input_dtype: str = "float32"
     input_layout: str = "NCHW"
     output_name: str = ""  # defaults to `output`
+    precision: str = ""  # float32 or float16 inside the graph; defaults to a float input's dtype
     model_options: dict[str, Any] = field(default_factory=dict)
     trained_on: str = "unknown"
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -63,9 +64,14 @@ class ModelCard:
     def __post_init__(self) -> None:
         if not self.output_name:
             object.__setattr__(self, "output_name", self.output)
+        if not self.precision:
+            float_input = self.input_dtype if self.input_dtype != "uint8" else "float32"
+            object.__setattr__(self, "precision", float_input)
         problems = []
         if self.input_dtype not in INPUT_DTYPES:
             problems.append(f"input_dtype must be one of {INPUT_DTYPES}, not {self.input_dtype!r}")
+        if self.precision not in ("float32", "float16"):
+            problems.append(f"precision must be float32 or float16, not {self.precision!r}")
         if self.input_layout not in INPUT_LAYOUTS:
             problems.append(f"input_layout must be NHWC or NCHW, not {self.input_layout!r}")
         if self.output not in OUTPUTS:
@@ -95,7 +101,7 @@ class ModelCard:
 
     @property
     def output_dtype(self) -> str:
-        return "uint8" if self.output == "labels" else self.input_dtype.replace("uint8", "float32")
+        return "uint8" if self.output == "labels" else self.precision
 
     def class_id(self, key: str) -> int:
         """A class by name, or by its id written in ASCII digits."""
