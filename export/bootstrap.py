@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from segserve.contracts.repository import walk
 
 DEFAULT_NAME = "unet-shapes"
-# The README's CPU recipe; measured on 2 cores, see README.md for the time and mean IU.
-RECIPE = [
-    "--model", "unet", "--width", "16", "--batch-norm", "--optimizer", "adamw", "--lr", "0.002",
-    "--weight-decay", "1e-4", "--epochs", "12", "--batch-size", "4", "--crop-size", "128",
-    "--scale", "0.75", "1.25", "--workers", "1",
-]  # fmt: skip
+# The README's CPU recipe (TrainConfig fields); measured on 2 cores, see README.md.
+RECIPE = dict(
+    model="unet", width=16, batch_norm=True, optimizer="adamw", lr=0.002, weight_decay=1e-4,
+    epochs=12, batch_size=4, crop_size=128, scale=(0.75, 1.25), workers=1,
+)  # fmt: skip
 # Images of 160..256 px: a quarter of the default 512 px keeps the run inside 10 minutes.
 SYNTH_COUNT, SYNTH_MAX_SIZE = 400, 256
 
@@ -23,14 +21,14 @@ def repository_has_models(repository: Path) -> bool:
     return next(walk(repository), None) is not None
 
 
-def bootstrap(repository: Path, work: Path, parser_factory) -> Path | None:
+def bootstrap(repository: Path, work: Path) -> Path | None:
     """Build the default model if `repository` has no model; returns its folder or None."""
     if repository_has_models(repository):
         print(f"{repository} already holds a model; nothing to build")
         return None
     from segserve.export.onnx_export import export_checkpoint
     from segserve.training.synth import SynthConfig, write_dataset
-    from segserve.training.train import train
+    from segserve.training.train import TrainConfig, train
 
     data, run = work / "data" / "synth", work / "runs" / DEFAULT_NAME
     if not (data / "classes.json").exists():
@@ -38,18 +36,7 @@ def bootstrap(repository: Path, work: Path, parser_factory) -> Path | None:
         write_dataset(data, SynthConfig(count=SYNTH_COUNT, seed=0, max_size=SYNTH_MAX_SIZE))
     if not (run / "best.pt").exists() or not _finished(run):
         print(f"[2/3] training the default U-Net -> {run}")
-        args: argparse.Namespace = parser_factory().parse_args(
-            [
-                "train",
-                "--data",
-                str(data),
-                "--out",
-                str(run),
-                *RECIPE,
-                *(["--resume"] if (run / "last.pt").exists() else []),
-            ]
-        )
-        train(args)
+        train(TrainConfig(data=data, out=run, resume=(run / "last.pt").exists(), **RECIPE))
     print(f"[3/3] exporting -> {repository / DEFAULT_NAME}")
     result = export_checkpoint(run / "best.pt", repository, DEFAULT_NAME)
     print(f"default model ready: {result.path} (val mean IU {result.card.metrics['mean_iu']:.4f})")
@@ -57,6 +44,7 @@ def bootstrap(repository: Path, work: Path, parser_factory) -> Path | None:
 
 
 def _finished(run: Path) -> bool:
-    epochs = int(RECIPE[RECIPE.index("--epochs") + 1])
     metrics = run / "metrics.csv"
-    return metrics.exists() and len(metrics.read_text().strip().splitlines()) - 1 >= epochs
+    return (
+        metrics.exists() and len(metrics.read_text().strip().splitlines()) - 1 >= RECIPE["epochs"]
+    )

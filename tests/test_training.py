@@ -1,17 +1,18 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from segserve.cli import MODEL_NAMES, build_parser, main
+from segserve.cli import MODEL_NAMES, main
 from segserve.training.checkpoint import CheckpointError, load_checkpoint
 from segserve.training.datasets import DatasetError, VOCSegmentation
 from segserve.training.synth import SYNTH_CLASSES, SynthConfig, render_sample
-from segserve.training.train import train
+from segserve.training.train import TrainConfig, train
 
 
 def test_every_architecture_the_contract_names_builds_with_its_stride():
@@ -146,12 +147,13 @@ def _overfit_folder(synth_root, tmp_path, n=4):
     return root
 
 
-def _train_args(data, out, *extra):
-    return build_parser().parse_args(
-        ["train", "--data", str(data), "--model", "unet", "--out", str(out), "--width", "8", "--batch-norm",
-         "--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0", "--batch-size", "4", "--crop-size", "96",
-         "--scale", "1", "1", "--workers", "0", "--no-progress", "--device", "cpu", *extra]
+def _config(data, out, **changes) -> TrainConfig:
+    values = dict(
+        data=data, out=out, model="unet", width=8, batch_norm=True, optimizer="adamw", lr=0.01,
+        weight_decay=0.0, batch_size=4, crop_size=96, scale=(1, 1), workers=0, progress=False,
+        device="cpu",
     )  # fmt: skip
+    return TrainConfig(**{**values, **changes})
 
 
 def _rows(run_dir):
@@ -162,7 +164,7 @@ def _rows(run_dir):
 def test_a_tiny_training_run_overfits(synth_root, tmp_path):
     torch.set_num_threads(2)
     out = tmp_path / "run"
-    train(_train_args(_overfit_folder(synth_root, tmp_path), out, "--epochs", "40"))
+    train(_config(_overfit_folder(synth_root, tmp_path), out, epochs=40))
     rows = _rows(out)
     assert len(rows) == 40
     first, last = rows[0], rows[-1]
@@ -178,11 +180,11 @@ def test_a_tiny_training_run_overfits(synth_root, tmp_path):
 def test_resume_continues_the_same_run(synth_root, tmp_path):
     data = _overfit_folder(synth_root, tmp_path)
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(_train_args(data, straight, "--epochs", "3"))
+    train(_config(data, straight, epochs=3))
     # The same 3-epoch run (same LR schedule), cut off after epoch 2; --resume picks it up.
-    train(_train_args(data, split, "--epochs", "3", "--stop-after", "2"))
+    train(_config(data, split, epochs=3, stop_after=2))
     assert len(_rows(split)) == 2
-    train(_train_args(data, split, "--epochs", "3", "--resume"))
+    train(_config(data, split, epochs=3, resume=True))
     a, b = _rows(straight), _rows(split)
     assert [r["epoch"] for r in b] == ["1", "2", "3"]
     for ra, rb in zip(a, b, strict=True):
@@ -192,12 +194,12 @@ def test_resume_continues_the_same_run(synth_root, tmp_path):
 
 def test_resume_without_a_run_fails_clearly(synth_root, tmp_path):
     with pytest.raises(SystemExit, match="no .*last.pt"):
-        train(_train_args(synth_root, tmp_path / "empty", "--epochs", "1", "--resume"))
+        train(_config(synth_root, tmp_path / "empty", epochs=1, resume=True))
 
 
 def test_eval_cli_prints_the_metrics_as_json(synth_root, tmp_path, capsys):
     out = tmp_path / "run"
-    train(_train_args(synth_root, out, "--epochs", "1"))
+    train(_config(synth_root, out, epochs=1))
     capsys.readouterr()
     assert (
         main(
@@ -244,3 +246,19 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path):
     torch.save({"weights": torch.zeros(2)}, wrong)
     with pytest.raises(CheckpointError, match="not a segserve training checkpoint"):
         load_checkpoint(wrong)
+
+
+def test_every_train_flag_is_a_config_field_and_the_cli_builds_the_same_config(tmp_path):
+    import dataclasses
+
+    from segserve.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--data", "d", "--model", "fcn16s", "--out", str(tmp_path), "--lr", "1e-3",
+         "--scale", "1", "2", "--no-amp", "--init-from", "x.pt"]
+    )  # fmt: skip
+    flags = set(vars(args)) - {"command", "func"}
+    assert flags == {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig.from_mapping(vars(args))
+    assert (cfg.model, cfg.lr, cfg.scale, cfg.amp) == ("fcn16s", 1e-3, (1.0, 2.0), False)
+    assert cfg.init_from == Path("x.pt") and cfg.out == tmp_path

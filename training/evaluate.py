@@ -1,39 +1,84 @@
-"""`segserve eval`: the paper's four metrics and per-class IU of a checkpoint on a split."""
+"""Evaluation: the paper's four metrics and per-class IU of a network on a split.
+
+`evaluate` is what training calls after each epoch (and, under DDP, all-reduces across
+ranks); `run_eval` is `segserve eval` on a saved checkpoint.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader
 
 from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 from segserve.training.datasets import VOCSegmentation
+from segserve.training.metrics import ConfusionMatrix, segmentation_scores
 from segserve.training.transforms import EvalTransform
 
 
-def run_eval(args: argparse.Namespace) -> dict:
-    from segserve.training.train import evaluate, resolve_device
+def resolve_device(choice: str) -> torch.device:
+    """`auto`: CUDA when torch sees one (the local rank's under torchrun), else CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
-    ckpt = load_checkpoint(args.checkpoint)
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader, device: torch.device, num_classes: int, progress: bool = False
+) -> dict:
+    """Val loss and the four metrics; images run one at a time at their own size. Under
+    DDP every rank sees its own share and the counts are summed across ranks."""
+    from tqdm import tqdm
+
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
+    loss_sum, counted = 0.0, 0
+    for image, target in tqdm(loader, desc="val", leave=False, disable=not progress):
+        image, target = image.to(device), target.to(device)
+        logits = model(image)
+        loss_sum += float(criterion(logits.float(), target))
+        counted += int((target != 255).sum())
+        cm.update(logits.argmax(1).cpu(), target.cpu())
+    matrix = torch.from_numpy(cm.matrix).to(device)
+    stats = torch.tensor([loss_sum, counted], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(matrix)
+        dist.all_reduce(stats)
+    scores = segmentation_scores(matrix.cpu().numpy())
+    scores["val_loss"] = float(stats[0] / max(stats[1], 1))
+    scores["matrix"] = matrix.cpu().numpy()
+    return scores
+
+
+def run_eval(
+    data: Path, checkpoint: Path, split: str = "val", device: str = "auto", as_json: bool = False
+) -> dict:
+    """`segserve eval`: print the table (or one JSON object) and return the scores."""
+    ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
-    device = resolve_device(args.device)
-    dataset = VOCSegmentation(args.data, args.split, EvalTransform(ckpt["mean"], ckpt["std"]))
+    dev = resolve_device(device)
+    dataset = VOCSegmentation(data, split, EvalTransform(ckpt["mean"], ckpt["std"]))
     if dataset.num_classes != ckpt["num_classes"]:
         raise SystemExit(
             f"the data set has {dataset.num_classes} classes, the checkpoint {ckpt['num_classes']}"
         )
     loader = DataLoader(dataset, batch_size=1, num_workers=0)
     with torch.inference_mode():
-        scores = evaluate(
-            model.to(device), loader, device, dataset.num_classes, progress=not args.json
-        )
+        scores = evaluate(model.to(dev), loader, dev, dataset.num_classes, progress=not as_json)
     scores.pop("matrix")
     scores.pop("val_loss")
     scores["num_images"] = len(dataset)
-    if args.json:
+    if as_json:
         # NaN is not JSON: absent classes become null.
         scores["per_class_iu"] = [None if math.isnan(v) else v for v in scores["per_class_iu"]]
         print(json.dumps(scores))

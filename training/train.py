@@ -1,18 +1,20 @@
 """Training: per-pixel cross-entropy, SGD+momentum or AdamW, poly LR, checkpoints each epoch.
 
-Flat on purpose, in the manner of torchvision's references/segmentation. Launched with
-torchrun it runs DistributedDataParallel, one process per GPU, through the same code.
+Flat on purpose, in the manner of torchvision's references/segmentation. A run is a
+`TrainConfig`; `train(cfg)` runs it (the CLI builds the config from its flags, the default
+model's bootstrap builds one directly). Launched with torchrun it runs
+DistributedDataParallel, one process per device, through the same code.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import os
 import random
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from segserve.training.checkpoint import (
     save_checkpoint,
 )
 from segserve.training.datasets import VOCSegmentation
-from segserve.training.metrics import ConfusionMatrix, segmentation_scores
+from segserve.training.evaluate import evaluate, resolve_device
 from segserve.training.transforms import EvalTransform, TrainTransform
 
 METRIC_COLUMNS = [
@@ -45,6 +47,57 @@ METRIC_COLUMNS = [
     "images_per_s",
     "epoch_s",
 ]
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on; `segserve train --help` says each field."""
+
+    data: Path
+    model: str
+    out: Path
+    epochs: int = 30
+    batch_size: int = 8
+    crop_size: int = 256
+    scale: tuple[float, float] = (0.5, 2.0)
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: 0.01 for sgd, 0.001 for adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    width: int = 64
+    batch_norm: bool = False
+    backbone_weights: str | None = None
+    init_from: Path | None = None
+    resume: bool = False
+    stop_after: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    workers: int = 2
+    seed: int = 0
+    max_train_images: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.data, self.out = Path(self.data), Path(self.out)
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from)
+        self.scale = tuple(self.scale)
+
+    @property
+    def base_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.01 if self.optimizer == "sgd" else 1e-3
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> TrainConfig:
+        """The fields of `values` this config knows (e.g. `vars(args)`); the rest ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def as_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
 def seed_everything(seed: int) -> None:
@@ -79,14 +132,6 @@ def restore_rng_state(state: dict, loader_generator: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); sets up the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -98,20 +143,20 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def build_network(args, num_classes: int) -> tuple[nn.Module, dict]:
+def build_network(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict]:
     """The model and the options a checkpoint records to rebuild it."""
-    if args.model == "unet":
-        opts = {"width": args.width, "batch_norm": args.batch_norm}
+    if cfg.model == "unet":
+        opts = {"width": cfg.width, "batch_norm": cfg.batch_norm}
         return models.build_model("unet", num_classes, **opts), opts
-    if args.init_from is not None:
-        coarse_ckpt = load_checkpoint(args.init_from)
+    if cfg.init_from is not None:
+        coarse_ckpt = load_checkpoint(cfg.init_from)
         coarse = model_from_checkpoint(coarse_ckpt)
         if not isinstance(coarse, models.FCN) or coarse_ckpt["num_classes"] != num_classes:
             raise SystemExit(
                 f"--init-from must be a coarser FCN checkpoint with {num_classes} classes"
             )
-        return models.fcn_from_coarser(coarse, models.FCN_STRIDES[args.model]), {}
-    model = models.build_model(args.model, num_classes, backbone_weights=args.backbone_weights)
+        return models.fcn_from_coarser(coarse, models.FCN_STRIDES[cfg.model]), {}
+    model = models.build_model(cfg.model, num_classes, backbone_weights=cfg.backbone_weights)
     return model, {}
 
 
@@ -119,82 +164,82 @@ def poly_lambda(total_iters: int, power: float):
     return lambda it: (1 - min(it, total_iters - 1) / total_iters) ** power
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, device: torch.device, num_classes: int, progress: bool = False
-) -> dict:
-    """Val loss and the four metrics; images run one at a time at their own size."""
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+
+
+def train_one_epoch(
+    net: nn.Module, loader, criterion, optimizer, scheduler, scaler, device, use_amp: bool,
+    desc: str, progress: bool,
+) -> tuple[float, int]:  # fmt: skip
+    """One pass over the training set; (mean loss per image, images seen)."""
     from tqdm import tqdm
 
-    model.eval()
-    cm = ConfusionMatrix(num_classes)
-    criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
-    loss_sum, counted = 0.0, 0
-    for image, target in tqdm(loader, desc="val", leave=False, disable=not progress):
-        image, target = image.to(device), target.to(device)
-        logits = model(image)
-        loss_sum += float(criterion(logits.float(), target))
-        counted += int((target != 255).sum())
-        cm.update(logits.argmax(1).cpu(), target.cpu())
-    matrix = torch.from_numpy(cm.matrix).to(device)
-    stats = torch.tensor([loss_sum, counted], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(matrix)
-        dist.all_reduce(stats)
-    scores = segmentation_scores(matrix.cpu().numpy())
-    scores["val_loss"] = float(stats[0] / max(stats[1], 1))
-    scores["matrix"] = matrix.cpu().numpy()
-    return scores
+    net.train()
+    seen, loss_sum = 0, 0.0
+    bar = tqdm(loader, desc=desc, disable=not progress)
+    for image, target in bar:
+        image = image.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            loss = criterion(net(image), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        seen += image.shape[0]
+        loss_sum += loss.item() * image.shape[0]
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    return loss_sum / max(seen, 1), seen
 
 
-def train(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
+def train(cfg: TrainConfig) -> dict:
+    """Run `cfg`; returns the last epoch's row of metrics.csv (empty if none ran)."""
+    device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
-    seed_everything(args.seed + rank)
-    lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 1e-3)
-    out: Path = args.out
+    seed_everything(cfg.seed + rank)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        cfg.out.mkdir(parents=True, exist_ok=True)
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     train_set = VOCSegmentation(
-        args.data, "train", TrainTransform(args.crop_size, mean, std, scale=tuple(args.scale))
+        cfg.data, "train", TrainTransform(cfg.crop_size, mean, std, scale=cfg.scale)
     )
-    val_set = VOCSegmentation(args.data, "val", EvalTransform(mean, std))
-    if args.max_train_images:
-        train_set.ids = train_set.ids[: args.max_train_images]
+    val_set = VOCSegmentation(cfg.data, "val", EvalTransform(mean, std))
+    if cfg.max_train_images:
+        train_set.ids = train_set.ids[: cfg.max_train_images]
     num_classes = train_set.num_classes
 
-    model, model_options = build_network(args, num_classes)
+    model, model_options = build_network(cfg, num_classes)
     model.to(device)
-    train_sampler = DistributedSampler(train_set, seed=args.seed) if world > 1 else None
+    train_sampler = DistributedSampler(train_set, seed=cfg.seed) if world > 1 else None
     val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
-        num_workers=args.workers, drop_last=len(train_set) >= args.batch_size * world,
-        worker_init_fn=seed_worker, generator=g, persistent_workers=args.workers > 0,
+        train_set, batch_size=cfg.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
+        num_workers=cfg.workers, drop_last=len(train_set) >= cfg.batch_size * world,
+        worker_init_fn=seed_worker, generator=g, persistent_workers=cfg.workers > 0,
     )  # fmt: skip
-    val_loader = DataLoader(val_set, batch_size=1, sampler=val_sampler, num_workers=args.workers)
+    val_loader = DataLoader(val_set, batch_size=1, sampler=val_sampler, num_workers=cfg.workers)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay
-        )
-    else:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    total_iters = max(1, args.epochs * len(train_loader))
+    optimizer = make_optimizer(cfg, model)
+    total_iters = max(1, cfg.epochs * len(train_loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lambda(total_iters, args.poly_power)
+        optimizer, poly_lambda(total_iters, cfg.poly_power)
     )
-    use_amp = args.amp and device.type == "cuda"
+    use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     criterion = nn.CrossEntropyLoss(ignore_index=255)
 
     start_epoch, best_iu = 0, -math.inf
-    if args.resume:
-        last = out / "last.pt"
+    if cfg.resume:
+        last = cfg.out / "last.pt"
         if not last.is_file():
             raise SystemExit(f"--resume: no {last} to continue from")
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
@@ -205,64 +250,37 @@ def train(args: argparse.Namespace) -> dict:
         start_epoch, best_iu = ckpt["epoch"] + 1, ckpt["best_mean_iu"]
         restore_rng_state(ckpt["rng"], g)
 
-    net = (
-        nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-        if world > 1
-        else model
-    )
+    ddp_devices = [device] if device.type == "cuda" else None
+    net = nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices) if world > 1 else model
     config = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"
-    }
-    config.update(
-        lr=lr, num_classes=num_classes, class_names=train_set.class_names, world_size=world
-    )
+        **cfg.as_json(), "lr": cfg.base_lr, "num_classes": num_classes,
+        "class_names": train_set.class_names, "world_size": world,
+    }  # fmt: skip
+    metrics_path = cfg.out / "metrics.csv"
     if rank == 0:
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-    metrics_path = out / "metrics.csv"
-    if rank == 0 and (not args.resume or not metrics_path.exists()):
-        with metrics_path.open("w", newline="") as f:
-            csv.writer(f).writerow(METRIC_COLUMNS)
-
-    from tqdm import tqdm
+        (cfg.out / "config.json").write_text(json.dumps(config, indent=2))
+        if not cfg.resume or not metrics_path.exists():
+            with metrics_path.open("w", newline="") as f:
+                csv.writer(f).writerow(METRIC_COLUMNS)
 
     row: dict = {}
+    progress = cfg.progress and rank == 0
     last_epoch = (
-        args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+        cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     )
     for epoch in range(start_epoch, last_epoch):
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
-        net.train()
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(
-            train_loader,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            disable=not (args.progress and rank == 0),
-        )
-        for image, target in bar:
-            image, target = (
-                image.to(device, non_blocking=True),
-                target.to(device, non_blocking=True),
-            )
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = criterion(net(image), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            seen += image.shape[0]
-            loss_sum += loss.item() * image.shape[0]
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        t0 = time.perf_counter()
+        train_loss, seen = train_one_epoch(
+            net, train_loader, criterion, optimizer, scheduler, scaler, device, use_amp,
+            f"epoch {epoch + 1}/{cfg.epochs}", progress,
+        )  # fmt: skip
         train_s = time.perf_counter() - t0
-        scores = evaluate(
-            model, val_loader, device, num_classes, progress=args.progress and rank == 0
-        )
+        scores = evaluate(model, val_loader, device, num_classes, progress=progress)
         row = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
+            "train_loss": train_loss,
             "val_loss": scores["val_loss"],
             **{k: scores[k] for k in ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")},
             "lr": scheduler.get_last_lr()[0],
@@ -277,22 +295,21 @@ def train(args: argparse.Namespace) -> dict:
             k: scores[k]
             for k in ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu", "per_class_iu")
         }
-        fields = dict(
-            architecture=args.model, model_options=model_options, num_classes=num_classes,
+        fields_ = dict(
+            architecture=cfg.model, model_options=model_options, num_classes=num_classes,
             class_names=train_set.class_names, palette=train_set.palette, mean=mean, std=std,
-            state_dict=model.state_dict(), metrics=val_metrics,
-            epoch=epoch, trained_on=str(train_set.root), torch_version=str(torch.__version__),
+            state_dict=model.state_dict(), metrics=val_metrics, epoch=epoch,
+            trained_on=str(train_set.root), torch_version=str(torch.__version__),
         )  # fmt: skip
         is_best = scores["mean_iu"] > best_iu
         best_iu = max(best_iu, scores["mean_iu"])
         if is_best:
-            save_checkpoint(out / "best.pt", **fields, best_mean_iu=best_iu)
+            save_checkpoint(cfg.out / "best.pt", **fields_, best_mean_iu=best_iu)
         save_checkpoint(
-            out / "last.pt", **fields, best_mean_iu=best_iu, optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-            rng=rng_state(g),
+            cfg.out / "last.pt", **fields_, best_mean_iu=best_iu, optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng_state(g),
         )  # fmt: skip
-        if args.progress:
+        if cfg.progress:
             print(
                 f"epoch {epoch + 1}: loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "
                 f"mean IU {row['mean_iu']:.4f} pixel acc {row['pixel_accuracy']:.4f} "
