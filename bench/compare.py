@@ -27,17 +27,21 @@ import numpy as np
 from segserve import loadgen
 from segserve.contracts.repository import versions_of
 from segserve.service.engine import Engine
-from segserve.service.imaging import decode_image, padded_size, preprocess
+from segserve.service.imaging import decode_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def time_session(engine: Engine, batch: np.ndarray, seconds: float, min_runs: int = 3) -> float:
-    """Mean seconds per session.run on `batch` (after one warm-up run)."""
-    engine.run(batch)
+def time_session(
+    engine: Engine, images: list[np.ndarray], seconds: float, min_runs: int = 3
+) -> float:
+    """Mean seconds per session.run on `images` as one batch (after one warm-up run)."""
+    batch = engine.batch([engine.prepare(im) for im in images])
+    sizes = [im.shape[:2] for im in images]
+    engine.run(batch, sizes)
     runs, start = 0, time.perf_counter()
     while runs < min_runs or time.perf_counter() - start < seconds:
-        engine.run(batch)
+        engine.run(batch, sizes)
         runs += 1
     return (time.perf_counter() - start) / runs
 
@@ -98,13 +102,10 @@ def main() -> None:
     engine = Engine.load(
         args.repository / args.model / str(versions[-1]) / "model.onnx", "cpu", threads
     )
-    card = engine.card
     rgb = decode_image(images[0][0], 10**9)
-    ph, pw = padded_size(h, w, card.size_divisor)
     bare = {}
     for n in (1, 2, 4, 8):
-        batch = preprocess([rgb] * n, card.mean, card.std, card.input_dtype, size=(ph, pw))
-        s = time_session(engine, batch, 5.0)
+        s = time_session(engine, [rgb] * n, 5.0)
         bare[n] = {"ms_per_run": 1000 * s, "images_per_s": n / s}
         print(f"bare session.run batch {n}: {1000 * s:.1f} ms/run, {n / s:.2f} img/s", flush=True)
     best_batch = max(bare, key=lambda n: bare[n]["images_per_s"])
@@ -114,14 +115,7 @@ def main() -> None:
     for size in args.scaling_sizes.split(","):
         sh, sw = (int(v) for v in size.split("x"))
         img = (np.random.default_rng(0).random((sh, sw, 3)) * 255).astype(np.uint8)
-        batch = preprocess(
-            [img],
-            card.mean,
-            card.std,
-            card.input_dtype,
-            size=padded_size(sh, sw, card.size_divisor),
-        )
-        s = time_session(engine, batch, 3.0, min_runs=2)
+        s = time_session(engine, [img], 3.0, min_runs=2)
         scaling[size] = {"ms_per_image": 1000 * s, "megapixels_per_s": sh * sw / s / 1e6}
         print(f"bare session.run {size}: {1000 * s:.1f} ms", flush=True)
     report["bare_by_size"] = scaling

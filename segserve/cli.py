@@ -112,9 +112,9 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from segserve.training.train import METRIC_COLUMNS, train
+    from segserve.training.train import METRIC_COLUMNS, TrainConfig, train
 
-    row = train(args)
+    row = train(TrainConfig.from_mapping(vars(args)))
     if row:
         print(f"\n{'epochs':<16}{row['epoch']:>10}")
         for key in METRIC_COLUMNS:
@@ -127,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from segserve.training.evaluate import run_eval
 
-    run_eval(args)
+    run_eval(args.data, args.checkpoint, args.split, args.device, args.json)
     return 0
 
 
@@ -138,9 +138,9 @@ def _export(args: argparse.Namespace) -> int:
     try:
         result = export_checkpoint(
             args.checkpoint, args.repository, args.name, version=args.version, fp16=args.fp16,
-            argmax=args.argmax, force=args.force, optimize=args.optimize,
+            output=args.output, input=args.input, force=args.force, optimize=args.optimize,
         )  # fmt: skip
-    except (CheckpointError, FileExistsError, ParityError) as exc:
+    except (CheckpointError, FileExistsError, ParityError, ValueError) as exc:
         print(f"segserve export: {exc}", file=sys.stderr)
         return 1
     p = result.parity
@@ -240,7 +240,7 @@ def httpx_errors() -> tuple[type[Exception], ...]:
 def _bootstrap(args: argparse.Namespace) -> int:
     from segserve.export.bootstrap import bootstrap
 
-    bootstrap(args.repository, args.work_dir, build_parser)
+    bootstrap(args.repository, args.work_dir)
     return 0
 
 
@@ -283,11 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", required=True)
     export.add_argument("--version", type=int, default=None, help="default: one past the newest")
     export.add_argument(
-        "--fp16", action="store_true", help="float16 weights, activations, input and output"
+        "--fp16", action="store_true", help="float16 weights and activations (and float input)"
     )
     export.add_argument(
-        "--argmax", action="store_true", help="end in ArgMax: output labels uint8 [N,H,W]"
-    )
+        "--output", choices=("labels", "logits"), default="labels",
+        help="labels: argmax in the graph, uint8 [N,H,W]; logits: the scores [N,C,H,W]",
+    )  # fmt: skip
+    export.add_argument(
+        "--input", choices=("uint8", "float"), default="uint8",
+        help="uint8: RGB pixels [N,H,W,3], normalised in the graph; float: [N,3,H,W] normalised "
+        "by the caller (older segserve models)",
+    )  # fmt: skip
     export.add_argument("--force", action="store_true", help="overwrite an existing version")
     export.add_argument(
         "--optimize",

@@ -1,190 +1,299 @@
-"""Dynamic batching: one asyncio queue and one batching task per model version.
+"""Continuous batching: one queue and one batching task per model version.
 
-A batch closes at `max_batch_size` requests or `max_queue_delay_ms` after its first one.
-Requests are grouped by padded shape (H, W rounded up to the model's size divisor); near
-shapes share a batch while the padding they add stays under `max_padding_fraction` of the
-batch's pixels. Each group is one `session.run` in a worker thread, so the event loop never
-blocks; results are cropped back to each request's own H x W.
+Generic: it knows jobs (an item, its size in pixels, a deadline), not images. An idle engine
+runs a job at once; while a batch runs, the next gathers, and is prepared (stacked, padded)
+just before the engine frees, so host work on batch k+1 overlaps inference of batch k. What
+runs next is `planning.plan_next`: the oldest job's group, merged with others only when the
+cost model says it pays.
+
+Admission is all-or-nothing per request and decided at once: a request whose images do not
+fit the queue, the queued-pixel budget, or (by the cost model's prediction) its deadline is
+refused before anything of it is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
+from segserve.service.planning import (
+    CostModel,
+    Limits,
+    group_pixels,
+    plan_next,
+    predicted_backlog,
+)
 
-from segserve.service.imaging import padded_size, preprocess
+
+class Rejected(Exception):
+    """Refused before queueing; `reason` is the rejection's metric label."""
+
+    reason = "rejected"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
-class QueueFull(Exception):
-    """The model's queue is at its bound: answer 503 at once."""
+class QueueFull(Rejected):
+    reason = "queue_full"
+
+
+class Overloaded(Rejected):
+    """The predicted completion is past the deadline: say so now, not at the deadline."""
+
+    reason = "overloaded"
+
+
+class ShuttingDown(Rejected):
+    reason = "shutting_down"
 
 
 class DeadlineExceeded(Exception):
-    """The request's deadline passed before it could run: 504."""
+    """The job's deadline passed while it waited."""
 
 
-class ShuttingDown(Exception):
-    """The batcher stopped before the request ran: 503."""
-
-
-@dataclass
+@dataclass(eq=False)
 class Job:
-    image: np.ndarray  # H x W x 3 uint8 RGB
-    deadline: float  # time.monotonic()
+    item: Any  # what `prepare_batch` stacks (a prepared image)
+    size: tuple[int, int]  # (H, W) the engine will see
+    deadline: float  # on the batcher's clock
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
+    enqueued: float
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.image.shape[0], self.image.shape[1]
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
 
 
-def group_by_shape(jobs: list[Job], divisor: int, max_padding_fraction: float) -> list[list[Job]]:
-    """Greedy grouping: largest padded shape first; a job joins a group when the group's
-    shape covers it and the padding it adds keeps the group under the waste bound."""
-    order = sorted(
-        jobs,
-        key=lambda j: padded_size(*j.shape, divisor)[0] * padded_size(*j.shape, divisor)[1],
-        reverse=True,
-    )
-    groups: list[tuple[tuple[int, int], list[Job], int]] = []  # (shape, jobs, useful pixels)
-    for job in order:
-        ph, pw = padded_size(*job.shape, divisor)
-        for i, (shape, members, useful) in enumerate(groups):
-            if ph <= shape[0] and pw <= shape[1]:
-                total = shape[0] * shape[1] * (len(members) + 1)
-                if 1 - (useful + ph * pw) / total <= max_padding_fraction:
-                    members.append(job)
-                    groups[i] = (shape, members, useful + ph * pw)
-                    break
-        else:
-            groups.append(((ph, pw), [job], ph * pw))
-    return [members for _, members, _ in groups]
+PrepareBatch = Callable[[list[Any]], Any]
+RunBatch = Callable[[Any, list[tuple[int, int]]], list[Any]]
+OnBatch = Callable[[int, float], None]
 
 
 class Batcher:
-    """Owns one model's queue; `submit` returns the labels of one image (H x W uint8)."""
-
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray], np.ndarray],
-        mean,
-        std,
-        input_dtype,
-        size_divisor: int,
-        max_batch_size: int = 8,
-        max_queue_delay_ms: float = 5.0,
+        prepare_batch: PrepareBatch,
+        run_batch: RunBatch,
+        limits: Limits,
+        cost: CostModel,
         max_queue: int = 64,
-        max_padding_fraction: float = 0.25,
-        on_batch: Callable[[int], None] | None = None,
+        max_queued_pixels: int = 64_000_000,
+        max_queue_delay_ms: float = 0.0,
+        on_batch: OnBatch | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.run_batch = run_batch
-        self.mean, self.std, self.input_dtype = mean, std, input_dtype
-        self.size_divisor = size_divisor
-        self.max_batch_size = max_batch_size
+        self.prepare_batch, self.run_batch = prepare_batch, run_batch
+        self.limits, self.cost = limits, cost
+        self.max_queue, self.max_queued_pixels = max_queue, max_queued_pixels
         self.max_delay = max_queue_delay_ms / 1000
-        self.max_padding_fraction = max_padding_fraction
-        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         self.on_batch = on_batch
+        self.clock = clock
+        self.pending: list[Job] = []  # not yet taken into a batch
+        self._next: list[Job] = []  # taken and prepared, waiting for the engine to free
+        self._wake = asyncio.Event()
+        self._running: asyncio.Task | None = None
+        self._running_end = 0.0  # predicted, on self.clock
+        self._prep_estimate = 0.0
         self._task: asyncio.Task | None = None
         self._stopping = False
+        # One thread runs the session, one prepares the next batch beside it.
+        self._executor = ThreadPoolExecutor(2, thread_name_prefix="segserve-batch")
+
+    # -- the public face ---------------------------------------------------------------
+
+    @property
+    def waiting(self) -> list[Job]:
+        """Every job queued and not yet running, prepared or not."""
+        return [*self._next, *self.pending]
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize()
+        return len(self.pending) + len(self._next)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="segserve-batcher")
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop."""
+        """Refuse new work, finish what is queued and running, then stop."""
         self._stopping = True
+        self._wake.set()
         if self._task is not None:
-            await self.queue.join()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
+        self._executor.shutdown(wait=True)
 
-    def submit(self, image: np.ndarray, deadline: float) -> Job:
+    def predicted_wait(self, pixels: list[int]) -> float:
+        """Seconds until `pixels` more would be done, after everything queued and running."""
+        running_left = 0.0
+        if self._running is not None and not self._running.done():
+            running_left = max(0.0, self._running_end - self.clock())
+        queued = [j.pixels for j in self.waiting]
+        return predicted_backlog([*queued, *pixels], self.limits, self.cost, running_left)
+
+    def submit(self, items: list[tuple[Any, tuple[int, int]]], deadline: float) -> list[Job]:
+        """Queue every (item, (H, W)) of one request, or none of them (raises Rejected)."""
         if self._stopping:
-            raise ShuttingDown("the server is shutting down")
-        job = Job(image=image, deadline=deadline, future=asyncio.get_running_loop().create_future())
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise QueueFull(f"queue full ({self.queue.maxsize} requests waiting)") from None
-        return job
-
-    async def _collect(self) -> list[Job]:
-        jobs = [await self.queue.get()]
-        close_at = time.monotonic() + self.max_delay
-        while len(jobs) < self.max_batch_size:
-            timeout = close_at - time.monotonic()
-            if timeout <= 0:
-                # Take what is already waiting without waiting any longer.
-                while len(jobs) < self.max_batch_size and not self.queue.empty():
-                    jobs.append(self.queue.get_nowait())
-                break
-            try:
-                jobs.append(await asyncio.wait_for(self.queue.get(), timeout))
-            except asyncio.TimeoutError:
-                break
+            raise ShuttingDown("the server is shutting down", retry_after=5)
+        pixels = [h * w for _, (h, w) in items]
+        if self.depth + len(items) > self.max_queue:
+            raise QueueFull(
+                f"queue full ({self.depth} of {self.max_queue} images waiting)",
+                self.predicted_wait([]),
+            )
+        queued_pixels = sum(j.pixels for j in self.waiting)
+        if queued_pixels + sum(pixels) > self.max_queued_pixels:
+            raise QueueFull(
+                f"queue full ({queued_pixels / 1e6:.1f} of {self.max_queued_pixels / 1e6:.1f} "
+                "megapixels waiting)",
+                self.predicted_wait([]),
+            )
+        now = self.clock()
+        wait = self.predicted_wait(pixels)
+        if now + wait > deadline:
+            raise Overloaded(
+                f"overloaded: the predicted wait of {wait:.2f} s is past the "
+                f"{max(0.0, deadline - now):.2f} s left to this request",
+                wait,
+            )
+        loop = asyncio.get_running_loop()
+        jobs = [Job(item, size, deadline, loop.create_future(), now) for item, size in items]
+        self.pending.extend(jobs)
+        self._wake.set()
         return jobs
 
-    async def _loop(self) -> None:
-        while True:
-            jobs = await self._collect()
-            try:
-                await self._run(jobs)
-            finally:
-                for _ in jobs:
-                    self.queue.task_done()
+    # -- the loop ----------------------------------------------------------------------
 
-    async def _run(self, jobs: list[Job]) -> None:
-        now_mono, now = time.monotonic(), time.perf_counter()
-        live = []
-        for job in jobs:
-            job.timings["queue"] = now - job.enqueued
-            if job.future.done():  # the client went away (cancelled) before inference
-                continue
-            if now_mono > job.deadline:
-                job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-                continue
-            live.append(job)
-        for group in group_by_shape(live, self.size_divisor, self.max_padding_fraction):
-            await self._run_group(group)
-
-    async def _run_group(self, group: list[Job]) -> None:
-        padded = [padded_size(*j.shape, self.size_divisor) for j in group]
-        shape = (max(h for h, _ in padded), max(w for _, w in padded))
-
-        def work() -> tuple[np.ndarray, float, float]:
-            t0 = time.perf_counter()
-            batch = preprocess(
-                [j.image for j in group], self.mean, self.std, self.input_dtype, size=shape
-            )
-            t1 = time.perf_counter()
-            labels = self.run_batch(batch)
-            return labels, t1 - t0, time.perf_counter() - t1
-
-        try:
-            labels, pre_s, infer_s = await asyncio.to_thread(work)
-        except Exception as exc:  # a failing model must fail its requests, not the batcher
-            for job in group:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            return
-        if self.on_batch is not None:
-            self.on_batch(len(group))
-        for job, lab in zip(group, labels, strict=True):
+    def _drop_dead(self) -> None:
+        """Jobs whose requests were answered (cancelled) or whose deadline passed leave."""
+        now, live = self.clock(), []
+        for job in self.pending:
             if job.future.done():
                 continue
-            job.timings.update(preprocess=pre_s, inference=infer_s)
-            h, w = job.shape
-            job.future.set_result(np.ascontiguousarray(lab[:h, :w]))
+            if now > job.deadline:
+                job.future.set_exception(DeadlineExceeded("the deadline passed while queued"))
+                continue
+            live.append(job)
+        self.pending = live
+
+    def _engine_busy(self) -> bool:
+        return self._running is not None and not self._running.done()
+
+    async def _gather(self) -> None:
+        """Wait while waiting pays: the engine is busy (until just before it frees, less the
+        time a batch takes to prepare), or an idle engine's optional companion window."""
+        if self._engine_busy():
+            lead = self._running_end - self.clock() - self._prep_estimate
+            if lead > 0:
+                await asyncio.wait({self._running}, timeout=lead)
+        elif self.max_delay > 0:
+            close_at = min(j.enqueued for j in self.pending) + self.max_delay
+            while len(self.pending) < self.limits.max_batch_size and not self._stopping:
+                left = close_at - self.clock()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), left)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_dead()
+            if not self.pending:
+                if self._stopping:
+                    break
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._gather()
+            self._drop_dead()
+            group = plan_next(self.pending, self.limits, self.cost)
+            if not group:
+                continue
+            taken = set(map(id, group))
+            self.pending = [j for j in self.pending if id(j) not in taken]
+            self._next = group
+            t0 = self.clock()
+            try:
+                batch = await loop.run_in_executor(
+                    self._executor, self.prepare_batch, [j.item for j in group]
+                )
+            except Exception as exc:  # a batch that cannot be formed fails its own jobs only
+                self._next = []
+                _fail(group, exc)
+                continue
+            prep = self.clock() - t0
+            self._prep_estimate = 0.8 * self._prep_estimate + 0.2 * prep
+            if self._running is not None:
+                await asyncio.wait({self._running})
+            self._next = []
+            if all(j.future.done() for j in group):
+                continue  # every request in it was answered meanwhile: nothing to compute
+            for job in group:
+                job.timings["batch"] = prep
+            pixels = group_pixels([j.size for j in group], self.limits.size_divisor)
+            self._running_end = self.clock() + self.cost.predict(pixels)
+            self._running = loop.create_task(self._run(group, batch))
+        if self._running is not None:
+            await asyncio.wait({self._running})
+
+    async def _run(self, group: list[Job], batch: Any) -> None:
+        start = self.clock()
+        for job in group:
+            job.timings["queue"] = start - job.enqueued
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self.run_batch, batch, [j.size for j in group]
+            )
+        except Exception as exc:
+            if len(group) == 1:
+                _fail(group, exc)
+            else:  # one job's input may be what fails: run each alone, fail only those
+                await loop.run_in_executor(self._executor, self._run_alone, group, loop)
+            return
+        elapsed = self.clock() - start
+        self.cost.observe(group_pixels([j.size for j in group], self.limits.size_divisor), elapsed)
+        if self.on_batch is not None:
+            self.on_batch(len(group), elapsed)
+        for job, result in zip(group, results, strict=True):
+            if not job.future.done():
+                job.timings["inference"] = elapsed
+                job.future.set_result(result)
+
+    def _run_alone(self, group: list[Job], loop: asyncio.AbstractEventLoop) -> None:
+        """In the engine's thread: each job of a failed batch on its own."""
+        for job in group:
+            if job.future.done():
+                continue
+            start = self.clock()
+            try:
+                (result,) = self.run_batch(self.prepare_batch([job.item]), [job.size])
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, job, None, exc)
+                continue
+            job.timings["inference"] = self.clock() - start
+            loop.call_soon_threadsafe(_settle, job, result, None)
+
+
+def _settle(job: Job, result: Any, exc: BaseException | None) -> None:
+    if job.future.done():
+        return
+    if exc is not None:
+        job.future.set_exception(exc)
+    else:
+        job.future.set_result(result)
+
+
+def _fail(jobs: list[Job], exc: BaseException) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)

@@ -17,14 +17,18 @@ async def read_capped(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise ServiceError(400, "Content-Length is not a number")
+            raise ServiceError(400, "Content-Length is not a number", reason="bad_body")
         if int(declared) > limit:
-            raise ServiceError(413, f"body of {declared} bytes is over the {limit}-byte limit")
+            raise ServiceError(
+                413,
+                f"body of {declared} bytes is over the {limit}-byte limit",
+                reason="body_too_large",
+            )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ServiceError(413, f"body is over the {limit}-byte limit")
+            raise ServiceError(413, f"body is over the {limit}-byte limit", reason="body_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -43,10 +47,12 @@ async def image_bytes(request: Request, limit: int) -> bytes:
                 request.headers, replay(), max_files=4, max_fields=16
             ).parse()
         except MultiPartException as exc:
-            raise ServiceError(400, f"malformed multipart body: {exc.message}") from exc
+            raise ServiceError(
+                400, f"malformed multipart body: {exc.message}", reason="bad_body"
+            ) from exc
         field = form.get("image")
         if field is None:
-            raise ServiceError(422, "multipart body has no field named 'image'")
+            raise ServiceError(422, "multipart body has no field named 'image'", reason="bad_body")
         if isinstance(field, UploadFile):
             data = await field.read()
             await field.close()
@@ -56,5 +62,7 @@ async def image_bytes(request: Request, limit: int) -> bytes:
         return await read_capped(request, limit)
     raise ServiceError(
         415,
-        f"unsupported media type {content_type!r}: send an image/* body or multipart/form-data with a field 'image'",
+        f"unsupported media type {content_type!r}: send an image/* body or multipart/form-data "
+        "with a field 'image'",
+        reason="media_type",
     )

@@ -1,4 +1,11 @@
-"""One onnxruntime session per model version, and the choice of execution providers."""
+"""One onnxruntime session per model version: the one place that turns images into labels.
+
+`prepare` (one image, in the request's own worker thread) -> `batch` (stack and pad a group)
+-> `run` (one `session.run`, crop each result back to its image). `segment` does all three
+for callers without a batcher (warm-up, `segserve predict`). The card says what the graph
+takes: uint8 pixels (normalised inside the graph, nothing to do here) or, for older and
+imported models, float NCHW pixels normalised here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,6 @@ import numpy as np
 import onnxruntime as ort
 
 from segserve.contracts.card import ModelCard
-from segserve.service.imaging import labels_from_output
 
 log = logging.getLogger("segserve.engine")
 
@@ -21,13 +27,20 @@ PROVIDER_NAMES = {
 }
 
 
-def choose_providers(setting: str, available: list[str]) -> list[str]:
-    """`auto`: CUDA then CPU as onnxruntime offers them (TensorRT only when named);
-    or an explicit list such as `cuda,cpu`, which must all be available."""
+class ProviderUnavailable(RuntimeError):
+    """An execution provider that was asked for by name did not load: a start-up error,
+    never a silent fallback to a slower one."""
+
+
+def choose_providers(setting: str, available: list[str]) -> tuple[list[str], bool]:
+    """The providers to ask for and whether they are strict (named, not `auto`).
+
+    `auto`: CUDA then CPU as onnxruntime offers them (TensorRT only when named).
+    A list such as `cuda,cpu`: each must be available, and each must load.
+    """
     if setting.strip().lower() == "auto":
-        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or [
-            "CPUExecutionProvider"
-        ]
+        chosen = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        return chosen or ["CPUExecutionProvider"], False
     chosen = []
     for name in (n.strip().lower() for n in setting.split(",") if n.strip()):
         if name not in PROVIDER_NAMES:
@@ -35,15 +48,18 @@ def choose_providers(setting: str, available: list[str]) -> list[str]:
                 f"unknown provider {name!r}: use auto or a list of {', '.join(PROVIDER_NAMES)}"
             )
         if PROVIDER_NAMES[name] not in available:
-            raise ValueError(
-                f"provider {name} is not available in this onnxruntime ({', '.join(available)})"
+            raise ProviderUnavailable(
+                f"provider {name} is not in this onnxruntime build ({', '.join(available)}); "
+                "for CUDA install onnxruntime-gpu"
             )
         chosen.append(PROVIDER_NAMES[name])
-    return chosen
+    if not chosen:
+        raise ValueError("providers: name at least one (auto, tensorrt, cuda, cpu)")
+    return chosen, True
 
 
 def provider_options(providers: list[str], cudnn_conv_algo_search: str) -> list[dict]:
-    options = []
+    options: list[dict] = []
     for p in providers:
         if p == "CUDAExecutionProvider":
             options.append({"cudnn_conv_algo_search": cudnn_conv_algo_search})
@@ -54,10 +70,12 @@ def provider_options(providers: list[str], cudnn_conv_algo_search: str) -> list[
     return options
 
 
+def padded_size(h: int, w: int, divisor: int) -> tuple[int, int]:
+    return -(-h // divisor) * divisor, -(-w // divisor) * divisor
+
+
 @dataclass
 class Engine:
-    """A session plus its model card; `run` returns uint8 labels N x H x W."""
-
     session: ort.InferenceSession
     card: ModelCard
     path: Path
@@ -66,35 +84,117 @@ class Engine:
     def load(
         cls,
         path: Path,
-        providers_setting: str = "auto",
+        providers: str = "auto",
         intra_op_threads: int = 1,
         cudnn_conv_algo_search: str = "HEURISTIC",
+        cpu_arena: bool = False,
+        card: ModelCard | None = None,
     ) -> Engine:
-        providers = choose_providers(providers_setting, ort.get_available_providers())
+        chosen, strict = choose_providers(providers, ort.get_available_providers())
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Served shapes vary per request; a CPU arena keeps its high-water mark forever
+        # (docs/benchmarks.md: memory), so by default each run's buffers go back at once.
+        opts.enable_cpu_mem_arena = cpu_arena
         session = ort.InferenceSession(
             str(path),
             opts,
-            providers=providers,
-            provider_options=provider_options(providers, cudnn_conv_algo_search),
+            providers=chosen,
+            provider_options=provider_options(chosen, cudnn_conv_algo_search),
         )
-        return cls(
-            session=session,
-            card=ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map),
-            path=Path(path),
-        )
+        loaded = session.get_providers()
+        if strict and (missing := [p for p in chosen if p not in loaded]):
+            raise ProviderUnavailable(
+                f"{', '.join(missing)} did not load for {path} (onnxruntime fell back to "
+                f"{', '.join(loaded)}); for CUDA the NVIDIA driver (libcuda.so.1) and the CUDA "
+                "and cuDNN libraries must be present"
+            )
+        if chosen[0] not in loaded:
+            log.warning("%s did not load for %s; running on %s", chosen[0], path, loaded[0])
+        if card is None:
+            card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+        engine = cls(session=session, card=card, path=Path(path))
+        engine.check_io()
+        return engine
+
+    def check_io(self) -> None:
+        """The graph has the input and output its card names."""
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if self.card.input_name not in inputs or self.card.output_name not in outputs:
+            raise ValueError(
+                f"the card names input {self.card.input_name!r} and output "
+                f"{self.card.output_name!r}; the graph has inputs {sorted(inputs)} and "
+                f"outputs {sorted(outputs)}"
+            )
 
     @property
     def provider(self) -> str:
-        return self.session.get_providers()[0].replace("ExecutionProvider", "").lower()
+        return self.session.get_providers()[0].removesuffix("ExecutionProvider").lower()
 
-    @property
-    def output_name(self) -> str:
-        return self.session.get_outputs()[0].name
+    # -- the data path -----------------------------------------------------------------
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run([self.output_name], {"image": batch})[0]
-        return labels_from_output(out)
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """One H x W x 3 uint8 image as the graph takes it. uint8 graphs: the pixels as they
+        are (NHWC) or transposed (NCHW); float graphs: normalised here, C x H x W."""
+        card = self.card
+        if card.takes_uint8:
+            return (
+                rgb if card.input_layout == "NHWC" else np.ascontiguousarray(rgb.transpose(2, 0, 1))
+            )
+        std = np.asarray(card.std, np.float32)
+        scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
+        shift = (np.asarray(card.mean, np.float32) / std).reshape(3, 1, 1)
+        chw = rgb.transpose(2, 0, 1) * scale - shift
+        return chw.astype(card.input_dtype, copy=False)
+
+    def item_size(self, item: np.ndarray) -> tuple[int, int]:
+        """(H, W) of a prepared item."""
+        if self.card.input_layout == "NHWC":
+            return item.shape[0], item.shape[1]
+        return item.shape[1], item.shape[2]
+
+    def batch(self, items: list[np.ndarray]) -> np.ndarray:
+        """Stack prepared items into one input; items of different sizes are padded
+        bottom/right to a common size rounded up to the size divisor. The padding is the
+        data set's mean colour (zero after normalisation), which disturbs the net least."""
+        sizes = [self.item_size(it) for it in items]
+        if len(set(sizes)) == 1:
+            return items[0][None] if len(items) == 1 else np.stack(items)
+        div = self.card.size_divisor
+        h = max(padded_size(ih, iw, div)[0] for ih, iw in sizes)
+        w = max(padded_size(ih, iw, div)[1] for ih, iw in sizes)
+        nhwc = self.card.input_layout == "NHWC"
+        shape = (len(items), h, w, 3) if nhwc else (len(items), 3, h, w)
+        out = np.empty(shape, dtype=items[0].dtype)
+        out[...] = self._pad_value().reshape((1, 1, 1, 3) if nhwc else (1, 3, 1, 1))
+        for i, (it, (ih, iw)) in enumerate(zip(items, sizes, strict=True)):
+            if nhwc:
+                out[i, :ih, :iw] = it
+            else:
+                out[i, :, :ih, :iw] = it
+        return out
+
+    def _pad_value(self) -> np.ndarray:
+        if self.card.takes_uint8:
+            return np.round(np.asarray(self.card.mean) * 255).astype(np.uint8)
+        return np.zeros(3, dtype=self.card.input_dtype)
+
+    def run(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """One `session.run`; the labels of each item, cropped back to its (H, W)."""
+        out = self.session.run([self.card.output_name], {self.card.input_name: batch})[0]
+        if self.card.output == "logits":
+            out = out.argmax(axis=1)
+        labels = out.astype(np.uint8, copy=False)
+        if len(sizes) == 1 and labels.shape[1:] == sizes[0]:
+            return [labels[0]]
+        return [
+            np.ascontiguousarray(lab[:h, :w]) for lab, (h, w) in zip(labels, sizes, strict=True)
+        ]
+
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Labels (H x W uint8) for RGB images in one `session.run`, without a batcher."""
+        items = [self.prepare(im) for im in images]
+        return self.run(self.batch(items), [self.item_size(it) for it in items])

@@ -1,7 +1,8 @@
 """Pure functions from bytes to model input and from model output to bytes.
 
-decode -> preprocess -> (onnxruntime) -> labels -> PNG / overlay / masks. No torch, no I/O
-beyond the bytes given; every failure is a typed error the HTTP layer maps to a 4xx.
+bytes -> RGB array (decode), labels -> PNG / overlay / masks (encode). No torch, no I/O
+beyond the bytes given; every failure is a typed error the HTTP layer maps to a 4xx. What
+lies between (the model's input and output) is the engine's.
 """
 
 from __future__ import annotations
@@ -74,36 +75,6 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")  # CMYK, L, LA, RGBA (alpha dropped), P, ...
     return np.asarray(image, dtype=np.uint8)
-
-
-def padded_size(h: int, w: int, divisor: int) -> tuple[int, int]:
-    return -(-h // divisor) * divisor, -(-w // divisor) * divisor
-
-
-def preprocess(
-    images: list[np.ndarray], mean, std, dtype=np.float32, size: tuple[int, int] | None = None
-) -> np.ndarray:
-    """Normalise RGB arrays and stack them into one N x 3 x H x W batch.
-
-    Images smaller than `size` are padded bottom/right with zeros after normalisation,
-    i.e. with the data set's mean colour, which disturbs the network least.
-    """
-    height = size[0] if size else max(im.shape[0] for im in images)
-    width = size[1] if size else max(im.shape[1] for im in images)
-    batch = np.zeros((len(images), 3, height, width), dtype=np.float32)
-    scale = (1.0 / (255.0 * np.asarray(std, np.float32))).reshape(3, 1, 1)
-    shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(3, 1, 1)
-    for i, im in enumerate(images):
-        h, w = im.shape[:2]
-        batch[i, :, :h, :w] = im.transpose(2, 0, 1) * scale - shift
-    return batch.astype(dtype, copy=False)
-
-
-def labels_from_output(output: np.ndarray) -> np.ndarray:
-    """N x C x H x W logits (argmax over C) or N x H x W labels -> N x H x W uint8."""
-    if output.ndim == 3:
-        return output.astype(np.uint8, copy=False)
-    return output.argmax(axis=1).astype(np.uint8)
 
 
 def encode_label_png(

@@ -27,17 +27,22 @@ class Settings(BaseSettings):
     default_model: str | None = None
     providers: str = "auto"
     max_batch_size: int = Field(8, ge=1, le=256)
-    max_queue_delay_ms: float = Field(5.0, ge=0)
+    # An idle engine runs a request at once; a window > 0 makes an idle engine wait this
+    # long for companions (while it is busy, the next batch gathers anyway).
+    max_queue_delay_ms: float = Field(0.0, ge=0)
     max_queue: int = Field(64, ge=1)
+    # Pixel budgets (at inference size): no batch computes more, no queue holds more.
+    max_batch_pixels: int = Field(16_000_000, ge=1)
+    max_queued_pixels: int = Field(64_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     api_key: str | None = None
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     warmup_shapes: str = "512x512,375x500"
-    # Shapes whose padded sizes differ are merged into one batch while the padding added
-    # stays under this fraction of the batch's pixels (measured: docs/benchmarks.md).
-    max_padding_fraction: float = Field(0.25, ge=0, lt=1)
+    # onnxruntime's CPU arena keeps its largest allocation for good; with request-sized
+    # shapes that is memory never given back (docs/benchmarks.md), so it is off by default.
+    cpu_mem_arena: bool = False
     # cuDNN's EXHAUSTIVE search re-benchmarks on every new input shape (onnxruntime #6978,
     # #19838): HEURISTIC keeps dynamic shapes cheap.
     cudnn_conv_algo_search: str = "HEURISTIC"

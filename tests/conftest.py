@@ -33,13 +33,16 @@ def png_bomb(tmp_path_factory) -> bytes:
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory) -> Path:
-    """A model repository holding `tiny` v1: a width-8 U-Net with 4 classes, exported for real."""
+    """A model repository holding a width-8 U-Net with 4 classes, exported for real twice:
+    `tiny` v1 as older exports were (float NCHW in, logits out) and `tiny` v2 as exports
+    are now (uint8 pixels in, labels out). v2, the newest, is what requests get by default."""
     from helpers import make_checkpoint
     from segserve.export.onnx_export import export_checkpoint
 
     root = tmp_path_factory.mktemp("repository")
     ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", width=8, batch_norm=True)
-    export_checkpoint(
-        ckpt, root, "tiny", parity_shapes=((1, 3, 37, 53), (2, 3, 64, 80)), log=lambda *_: None
-    )
+    shapes = ((1, 37, 53), (2, 64, 80))
+    quiet = {"parity_shapes": shapes, "log": lambda *_: None}
+    export_checkpoint(ckpt, root, "tiny", input="float", output="logits", **quiet)
+    export_checkpoint(ckpt, root, "tiny", **quiet)
     return root

@@ -1,12 +1,14 @@
-"""Test helpers: tiny checkpoints and a real `segserve serve` process on loopback."""
+"""Test helpers: tiny checkpoints, the app in-process, and a real `segserve serve` process."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,6 +90,63 @@ def run_server(repository: Path, tmp_path: Path, wait_ready: bool = True, **sett
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+class InProcess:
+    """The real app (lifespan, batchers, onnxruntime) on its own event loop in a thread,
+    reached through httpx's ASGITransport: no socket, no subprocess. Calls block like a
+    plain client; `many` sends requests concurrently."""
+
+    def __init__(self, repository: Path, **settings) -> None:
+        from segserve.service.app import create_app
+        from segserve.service.settings import Settings
+
+        values = {"warmup_shapes": "64x64", "intra_op_threads": 2, **settings}
+        self.app = create_app(Settings(repository=repository, **values))
+        self.service = self.app.state.service
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.lifespan = self.app.router.lifespan_context(self.app)
+        self.run(self.lifespan.__aenter__())
+        transport = httpx.ASGITransport(app=self.app)
+        self.client = httpx.AsyncClient(transport=transport, base_url="http://segserve", timeout=60)
+
+    def run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def request(self, method: str, url: str, **kw) -> httpx.Response:
+        return self.run(self.client.request(method, url, **kw))
+
+    def get(self, url: str, **kw) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+    def many(self, calls: list[tuple[str, str, dict]]) -> list[httpx.Response]:
+        """(method, url, kwargs) requests sent together; answers in the same order."""
+
+        async def all_of():
+            return await asyncio.gather(*(self.client.request(m, u, **kw) for m, u, kw in calls))
+
+        return self.run(all_of())
+
+    def close(self) -> None:
+        self.run(self.client.aclose())
+        self.run(self.lifespan.__aexit__(None, None, None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@contextmanager
+def in_process(repository: Path, **settings):
+    app = InProcess(repository, **settings)
+    try:
+        yield app
+    finally:
+        app.close()
 
 
 def image_bytes(h: int, w: int, fmt: str = "PNG", seed: int = 0) -> bytes:

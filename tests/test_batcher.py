@@ -1,153 +1,251 @@
-"""The dynamic batcher on its own: grouping, batching, bounds, deadlines, failures.
-
-The model here is a plain numpy function (label = pixel's red channel above the mean), a
-real computation standing in for onnxruntime so the batcher's logic is tested alone."""
+"""The continuous batcher on its own: a numpy model (label = red channel over 127) stands in
+for onnxruntime so that only the batcher's logic is under test. Timing-dependent behaviour
+is driven by gates (events) and an injected clock, never by sleeping."""
 
 import asyncio
-import time
+import threading
 
 import numpy as np
 import pytest
 
-from segserve.service.batcher import Batcher, DeadlineExceeded, Job, QueueFull, group_by_shape
+from segserve.service.batcher import (
+    Batcher,
+    DeadlineExceeded,
+    Overloaded,
+    QueueFull,
+    ShuttingDown,
+)
+from segserve.service.planning import CostModel, Limits
 
 
-def threshold_model(batch: np.ndarray) -> np.ndarray:
-    return (batch[:, 0] > 0).astype(np.uint8)
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-def make_batcher(run=threshold_model, **kw) -> Batcher:
-    sizes = []
-    b = Batcher(run, [0.5] * 3, [0.25] * 3, np.float32, 16, on_batch=sizes.append, **kw)
-    b.sizes = sizes
-    return b
+class Model:
+    """prepare_batch / run_batch for the batcher, recording what it was given. A gate, when
+    set up, holds each run until the test opens it."""
+
+    def __init__(self, fail_on_width: int | None = None, gated: bool = False) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+        self.prepared = 0
+        self.fail_on_width = fail_on_width
+        self.gate = threading.Event()
+        self.running = threading.Event()
+        if not gated:
+            self.gate.set()
+
+    def prepare_batch(self, items):
+        self.prepared += 1
+        h = max(i.shape[0] for i in items)
+        w = max(i.shape[1] for i in items)
+        out = np.zeros((len(items), h, w, 3), np.uint8)
+        for k, it in enumerate(items):
+            out[k, : it.shape[0], : it.shape[1]] = it
+        return out
+
+    def run_batch(self, batch, sizes):
+        self.running.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        if self.fail_on_width is not None and any(w == self.fail_on_width for _, w in sizes):
+            raise RuntimeError("this model cannot take that width")
+        self.batches.append(list(sizes))
+        labels = (batch[..., 0] > 127).astype(np.uint8)
+        return [labels[k, :h, :w] for k, (h, w) in enumerate(sizes)]
 
 
 def image(h, w, seed=0):
     return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
 
 
-def job(h, w):
-    return Job(image=np.zeros((h, w, 3), np.uint8), deadline=0, future=None)
+def make(model, clock=None, cost=None, **kw) -> Batcher:
+    limits = Limits(kw.pop("max_batch_size", 8), kw.pop("max_batch_pixels", 10**9), 16)
+    extra = {"clock": clock} if clock is not None else {}
+    return Batcher(
+        model.prepare_batch, model.run_batch, limits, cost or CostModel(1e-9, 1e-4), **extra, **kw
+    )
 
 
-def test_same_padded_shapes_share_a_group_and_far_shapes_do_not():
-    jobs = [job(500, 500), job(510, 505), job(100, 100)]
-    groups = group_by_shape(jobs, 16, 0.25)
-    sizes = sorted(len(g) for g in groups)
-    assert sizes == [1, 2]  # with the 100x100 image, 32 % of the batch would be padding
-    assert len(group_by_shape(jobs, 16, 0.4)) == 1
+def submit(b: Batcher, images, deadline=1e12):
+    return b.submit([(im, im.shape[:2]) for im in images], deadline)
 
 
-def test_padding_bound_is_respected():
-    jobs = [job(512, 512), job(400, 512), job(300, 512)]
-    for bound in (0.0, 0.1, 0.25, 0.5):
-        for group in group_by_shape(jobs, 16, bound):
-            hs = [-(-j.shape[0] // 16) * 16 for j in group]
-            ws = [-(-j.shape[1] // 16) * 16 for j in group]
-            total = max(hs) * max(ws) * len(group)
-            assert 1 - sum(h * w for h, w in zip(hs, ws, strict=True)) / total <= bound + 1e-9
+async def wait_until(event: threading.Event) -> None:
+    await asyncio.wait_for(asyncio.to_thread(event.wait, 10), 10)
 
 
-async def run_many(batcher, images, timeout=5.0):
-    jobs = [batcher.submit(im, time.monotonic() + timeout) for im in images]
-    return await asyncio.gather(*(j.future for j in jobs))
+def test_a_lone_request_runs_at_once_without_any_window():
+    clock = FakeClock()  # frozen: any wait on the batcher's clock would show as queue time
+    model = Model()
 
-
-def test_concurrent_requests_are_batched_and_cropped_back():
     async def main():
-        b = make_batcher(max_batch_size=8, max_queue_delay_ms=20)
+        b = make(model, clock)
         b.start()
-        images = [image(60 + i, 70 - i, seed=i) for i in range(6)] + [image(33, 47, seed=9)]
-        labels = await run_many(b, images)
+        (job,) = submit(b, [image(32, 48)])
+        labels = await job.future
         await b.stop()
-        return b, images, labels
+        return job, labels
 
-    b, images, labels = asyncio.run(main())
-    assert max(b.sizes) > 1
+    job, labels = asyncio.run(main())
+    assert job.timings["queue"] == 0.0 and model.batches == [[(32, 48)]]
+    assert np.array_equal(labels, image(32, 48)[..., 0] > 127)
+
+
+def test_requests_arriving_while_the_engine_runs_form_the_next_batch():
+    model = Model(gated=True)
+
+    async def main():
+        b = make(model)
+        b.start()
+        first = submit(b, [image(16, 16, 0)])
+        await wait_until(model.running)  # batch 1 is in session.run
+        later = [submit(b, [image(16, 16, s)])[0] for s in (1, 2, 3)]
+        model.gate.set()
+        await asyncio.gather(*(j.future for j in first + later))
+        await b.stop()
+
+    asyncio.run(main())
+    assert [len(b) for b in model.batches] == [1, 3]
+
+
+def test_the_next_batch_is_prepared_while_the_current_one_runs():
+    model = Model(gated=True)
+
+    async def main():
+        b = make(model)
+        b.start()
+        first = submit(b, [image(16, 16)])
+        await wait_until(model.running)
+        second = submit(b, [image(16, 16, 1)])
+        for _ in range(1000):  # until the batcher has stacked batch 2
+            if model.prepared == 2:
+                break
+            await asyncio.sleep(0.005)
+        prepared_during_run = model.prepared == 2 and not first[0].future.done()
+        model.gate.set()
+        await asyncio.gather(first[0].future, second[0].future)
+        await b.stop()
+        return prepared_during_run
+
+    assert asyncio.run(main())
+
+
+def test_batches_keep_to_max_batch_size_and_every_label_is_cropped_back():
+    model = Model(gated=True)
+    images = [image(20 + i, 30 - i, seed=i) for i in range(7)]
+
+    async def main():
+        b = make(model, max_batch_size=3)
+        b.start()
+        blocker = submit(b, [image(8, 8)])
+        await wait_until(model.running)
+        jobs = [submit(b, [im])[0] for im in images]
+        model.gate.set()
+        labels = await asyncio.gather(*(j.future for j in blocker + jobs))
+        await b.stop()
+        return labels[1:]
+
+    labels = asyncio.run(main())
+    assert max(len(b) for b in model.batches) == 3
     for im, lab in zip(images, labels, strict=True):
-        assert lab.shape == im.shape[:2]
-        alone = threshold_model(
-            ((im.transpose(2, 0, 1)[None] / 255 - 0.5) / 0.25).astype(np.float32)
-        )[0]
-        assert np.array_equal(lab, alone)
+        assert np.array_equal(lab, im[..., 0] > 127)
 
 
-def test_batches_never_exceed_max_batch_size():
+def test_admission_refuses_at_once_when_the_predicted_wait_passes_the_deadline():
+    clock = FakeClock()
+    cost = CostModel(per_pixel=1e-3, fixed=0.0)  # 1 ms per pixel
+
     async def main():
-        b = make_batcher(max_batch_size=3, max_queue_delay_ms=50)
-        b.start()
-        await run_many(b, [image(32, 32)] * 10)
-        await b.stop()
-        return b.sizes
-
-    sizes = asyncio.run(main())
-    assert max(sizes) <= 3 and sum(sizes) == 10
-
-
-def test_full_queue_refuses_at_once():
-    async def main():
-        b = make_batcher(max_queue=2)  # not started: nothing drains the queue
-        b.submit(image(8, 8), time.monotonic() + 1)
-        b.submit(image(8, 8), time.monotonic() + 1)
-        with pytest.raises(QueueFull):
-            b.submit(image(8, 8), time.monotonic() + 1)
+        b = make(Model(), clock, cost)  # not started: the queue only fills
+        submit(b, [image(10, 10)], deadline=clock.now + 1)  # 0.1 s predicted: admitted
+        with pytest.raises(Overloaded) as refused:
+            submit(b, [image(30, 30)], deadline=clock.now + 0.5)  # 0.1 + 0.9 s > 0.5 s
+        assert refused.value.retry_after == 1 and b.depth == 1
+        submit(b, [image(30, 30)], deadline=clock.now + 1.5)  # 1.0 s fits
 
     asyncio.run(main())
 
 
-def test_expired_and_cancelled_jobs_never_reach_the_model():
-    seen = []
+def test_a_request_is_admitted_whole_or_not_at_all():
+    async def main():
+        b = make(Model(), max_queue=4)
+        submit(b, [image(8, 8)] * 3)
+        with pytest.raises(QueueFull):
+            submit(b, [image(8, 8)] * 2)  # 3 + 2 > 4: none of the two is queued
+        assert b.depth == 3
+        b2 = make(Model(), max_queued_pixels=250)
+        submit(b2, [image(10, 10)] * 2)
+        with pytest.raises(QueueFull, match="megapixels"):
+            submit(b2, [image(10, 10)] * 2)
+        assert b2.depth == 2
 
-    def counting_model(batch):
-        seen.append(batch.shape[0])
-        return threshold_model(batch)
+    asyncio.run(main())
+
+
+def test_answered_and_expired_jobs_never_reach_the_model():
+    clock = FakeClock()
+    model = Model()
 
     async def main():
-        b = make_batcher(run=counting_model, max_queue_delay_ms=1)
-        expired = b.submit(image(16, 16), time.monotonic() - 1)
-        gone = b.submit(image(16, 16), time.monotonic() + 5)
-        gone.future.cancel()  # the client went away
-        live = b.submit(image(16, 16), time.monotonic() + 5)
+        b = make(model, clock)
+        expired = submit(b, [image(16, 16)], deadline=clock.now + 1)
+        gone = submit(b, [image(16, 16)] * 3, deadline=clock.now + 5)
+        for job in gone:
+            job.future.cancel()  # the request was answered (client gone, 503, ...)
+        clock.now += 2
+        live = submit(b, [image(16, 16)], deadline=clock.now + 5)
         b.start()
-        result = await live.future
+        result = await live[0].future
         with pytest.raises(DeadlineExceeded):
-            await expired.future
+            await expired[0].future
         await b.stop()
         return result
 
     assert asyncio.run(main()).shape == (16, 16)
-    assert seen == [1]
+    assert model.batches == [[(16, 16)]]
 
 
-def test_a_failing_model_fails_its_batch_and_the_batcher_goes_on():
-    calls = []
-
-    def flaky(batch):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("boom")
-        return threshold_model(batch)
+def test_one_failing_input_fails_alone_and_its_batch_companions_get_their_labels():
+    model = Model(fail_on_width=13, gated=True)
 
     async def main():
-        b = make_batcher(run=flaky, max_queue_delay_ms=1)
+        b = make(model)
         b.start()
-        first = b.submit(image(16, 16), time.monotonic() + 5)
-        with pytest.raises(RuntimeError, match="boom"):
-            await first.future
-        second = await run_many(b, [image(16, 16)])
+        blocker = submit(b, [image(8, 8)])
+        await wait_until(model.running)
+        good = [submit(b, [image(16, 16, s)])[0] for s in range(3)]
+        bad = submit(b, [image(16, 13)])[0]
+        model.gate.set()
+        await blocker[0].future
+        labels = await asyncio.gather(*(j.future for j in good))
+        with pytest.raises(RuntimeError, match="cannot take that width"):
+            await bad.future
+        after = await submit(b, [image(16, 16)])[0].future  # and the batcher goes on
         await b.stop()
-        return second
+        return labels, after
 
-    assert asyncio.run(main())[0].shape == (16, 16)
+    labels, after = asyncio.run(main())
+    # The failed batch of four was run again one by one; the bad one never completed.
+    assert model.batches == [[(8, 8)], [(16, 16)], [(16, 16)], [(16, 16)], [(16, 16)]]
+    for s, lab in enumerate(labels):
+        assert np.array_equal(lab, image(16, 16, s)[..., 0] > 127)
+    assert after.shape == (16, 16)
 
 
-def test_stop_finishes_what_is_queued():
+def test_stop_finishes_what_is_queued_and_then_refuses():
+    model = Model()
+
     async def main():
-        b = make_batcher(max_batch_size=2, max_queue_delay_ms=1)
-        jobs = [b.submit(image(16, 16), time.monotonic() + 5) for _ in range(5)]
+        b = make(model, max_batch_size=2)
+        jobs = [submit(b, [image(16, 16)])[0] for _ in range(5)]
         b.start()
         await b.stop()
-        return [j.future.done() and not j.future.cancelled() for j in jobs]
+        with pytest.raises(ShuttingDown):
+            submit(b, [image(16, 16)])
+        return [j.future.done() and j.future.exception() is None for j in jobs]
 
     assert all(asyncio.run(main()))

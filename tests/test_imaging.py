@@ -1,4 +1,4 @@
-"""Pure decode / preprocess / postprocess functions, on real image bytes of every format."""
+"""Pure decode and encode functions, on real image bytes of every format."""
 
 import io
 
@@ -17,10 +17,7 @@ from segserve.service.imaging import (
     encode_label_png,
     encode_mask_png,
     encode_rle,
-    labels_from_output,
     overlay,
-    padded_size,
-    preprocess,
 )
 
 LIMIT = 40_000_000
@@ -105,23 +102,6 @@ def test_pixel_limit_is_checked_before_decoding(png_bomb):
     small_bomb = encode(Image.new("L", (5000, 4000)), "PNG")
     with pytest.raises(ImageTooLarge, match="5000x4000"):
         decode_image(small_bomb, 10_000_000)
-
-
-def test_preprocess_normalises_and_pads_with_the_mean(rgb):
-    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-    batch = preprocess([rgb, rgb[:10, :20]], mean, std, size=padded_size(45, 67, 16))
-    assert batch.shape == (2, 3, 48, 80) and batch.dtype == np.float32
-    expected = (rgb[5, 7] / 255 - np.array(mean)) / np.array(std)
-    assert np.allclose(batch[0, :, 5, 7], expected, atol=1e-5)
-    assert np.all(batch[1, :, 10:, :] == 0) and np.all(batch[0, :, 45:, :] == 0)
-    assert preprocess([rgb], mean, std, np.float16).dtype == np.float16
-
-
-def test_labels_from_logits_or_labels():
-    logits = np.random.default_rng(0).standard_normal((2, 5, 7, 9)).astype(np.float32)
-    assert np.array_equal(labels_from_output(logits), logits.argmax(1))
-    assert labels_from_output(logits).dtype == np.uint8
-    assert labels_from_output(np.ones((1, 3, 3), np.uint8)).shape == (1, 3, 3)
 
 
 def test_label_png_is_mode_p_with_the_palette_and_exact_size():

@@ -1,72 +1,114 @@
-"""The service against a real `segserve serve` process (uvicorn) on loopback."""
+"""The HTTP service in-process: the real app, onnxruntime and batchers behind httpx's
+ASGITransport. Where a test needs requests to wait, it holds the engine's next run with an
+event (the real onnxruntime still runs once released); nothing sleeps to synchronise."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import shutil
-import signal
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import image_bytes, run_server
+from helpers import image_bytes, in_process
 from segserve.contracts.card import ModelCard
-from segserve.service.imaging import decode_image, decode_rle, preprocess
+from segserve.service.imaging import decode_image, decode_rle
+from segserve.service.planning import CostModel
+
+PNG = {"Content-Type": "image/png"}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repository, tmp_path_factory):
-    with run_server(tiny_repository, tmp_path_factory.mktemp("logs"), max_queue_delay_ms=20) as s:
-        yield s
+def app(tiny_repository):
+    with in_process(tiny_repository) as a:
+        yield a
+
+
+def session_of(repository, version: int) -> ort.InferenceSession:
+    path = repository / "tiny" / str(version) / "model.onnx"
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_repository):
-    """Labels straight from onnxruntime, one image at a time, no padding: the truth."""
-    session = ort.InferenceSession(
-        str(tiny_repository / "tiny" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
-    card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+    """Labels straight from onnxruntime (the default v2: uint8 in, labels out), one image at
+    a time, no batching, no padding: the truth."""
+    session = session_of(tiny_repository, 2)
 
     def labels(data: bytes) -> np.ndarray:
-        rgb = decode_image(data, 10**8)
-        return session.run(None, {"image": preprocess([rgb], card.mean, card.std)})[0][0].argmax(0)
+        return session.run(None, {"image": decode_image(data, 10**8)[None]})[0][0]
 
     return labels
 
 
+def labels_of(response) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
 def metric_samples(text: str) -> dict:
-    samples = {}
+    samples: dict = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             samples.setdefault(s.name, []).append(s)
     return samples
 
 
-def test_png_format_returns_the_label_map_with_headers(server, reference):
+def rejected(app) -> dict[str, float]:
+    samples = metric_samples(app.get("/metrics").text).get("segserve_rejected_total", [])
+    return {s.labels["reason"]: s.value for s in samples}
+
+
+@contextmanager
+def held_engine(app, name: str = "tiny"):
+    """Holds the model's next session.run until the block ends (or `gate` is set)."""
+    batcher = app.service.model(name).batcher
+    real = batcher.run_batch
+    gate, running = threading.Event(), threading.Event()
+
+    def run(batch, sizes):
+        running.set()
+        assert gate.wait(60)
+        return real(batch, sizes)
+
+    batcher.run_batch = run
+    try:
+        yield gate, running
+    finally:
+        gate.set()
+        batcher.run_batch = real
+
+
+def post_later(app, *args, **kw):
+    """Send a request without waiting for its answer; `.result()` gives the response."""
+    return asyncio.run_coroutine_threadsafe(app.client.post(*args, **kw), app.loop)
+
+
+def test_png_format_returns_the_label_map_with_headers(app, reference):
     data = image_bytes(75, 101, "JPEG")
-    r = server.client().post("/segment", content=data, headers={"Content-Type": "image/jpeg"})
+    r = app.post("/segment", content=data, headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    assert r.headers["x-model"] == "tiny" and r.headers["x-model-version"] == "1"
-    timing = r.headers["server-timing"]
-    for stage in ("decode", "queue", "inference", "postprocess", "total"):
-        assert f"{stage};dur=" in timing
+    assert r.headers["x-model"] == "tiny" and r.headers["x-model-version"] == "2"
+    assert len(r.headers["x-request-id"]) >= 16
+    for stage in ("decode", "preprocess", "queue", "inference", "postprocess", "encode", "total"):
+        assert f"{stage};dur=" in r.headers["server-timing"]
     label = Image.open(io.BytesIO(r.content))
     assert label.mode == "P" and label.size == (101, 75)
     assert np.array_equal(np.asarray(label), reference(data))
+    given = app.post("/segment", content=data, headers={"X-Request-ID": "abc-123", **PNG})
+    assert given.headers["x-request-id"] == "abc-123"
 
 
-def test_multipart_and_overlay(server):
+def test_multipart_and_overlay(app):
     data = image_bytes(64, 48)
-    r = server.client().post(
+    r = app.post(
         "/segment", params={"format": "overlay"}, files={"image": ("x.png", data, "image/png")}
     )
     assert r.status_code == 200
@@ -74,17 +116,11 @@ def test_multipart_and_overlay(server):
 
 
 @pytest.mark.parametrize("encoding", ["png", "rle"])
-def test_json_format_with_masks_decodes_back_to_the_label_map(server, reference, encoding):
+def test_json_format_with_masks_decodes_back_to_the_label_map(app, reference, encoding):
     data = image_bytes(57, 83, seed=4)
-    r = server.client().post(
-        "/segment",
-        params={"format": "json", "masks": "all", "mask_encoding": encoding},
-        content=data,
-        headers={"Content-Type": "image/png"},
-    )
-    assert r.status_code == 200
-    body = r.json()
-    assert (body["model"], body["version"], body["width"], body["height"]) == ("tiny", 1, 83, 57)
+    params = {"format": "json", "masks": "all", "mask_encoding": encoding}
+    body = app.post("/segment", params=params, content=data, headers=PNG).json()
+    assert (body["model"], body["version"], body["width"], body["height"]) == ("tiny", 2, 83, 57)
     labels = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["label_png"]))))
     assert np.array_equal(labels, reference(data))
     assert sum(c["pixels"] for c in body["classes"]) == 57 * 83
@@ -100,99 +136,109 @@ def test_json_format_with_masks_decodes_back_to_the_label_map(server, reference,
         rebuilt[mask] = cid
     assert np.array_equal(rebuilt, labels)
     assert set(body["timings_ms"]) == {"decode", "queue", "inference", "postprocess", "total"}
-    some = server.client().post(
-        "/segment",
-        params={"format": "json", "masks": "class1,0"},
-        content=data,
-        headers={"Content-Type": "image/png"},
-    )
+    params = {"format": "json", "masks": "class1,0"}
+    some = app.post("/segment", params=params, content=data, headers=PNG)
     assert set(some.json()["masks"]) == {"class1", "background"}
 
 
-def test_32_concurrent_mixed_sizes_are_batched_and_all_correct(server, reference):
-    sizes = [(64, 64), (60, 70), (128, 96), (33, 47), (120, 128), (64, 60), (100, 100), (97, 31)]
-    payloads = [image_bytes(*sizes[i % len(sizes)], seed=i) for i in range(32)]
-    before = metric_samples(server.client().get("/metrics").text)
-    with (
-        httpx.Client(
-            base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=32)
-        ) as client,
-        ThreadPoolExecutor(32) as pool,
-    ):
-        responses = list(
-            pool.map(
-                lambda d: client.post("/segment", content=d, headers={"Content-Type": "image/png"}),
-                payloads,
-            )
-        )
+def test_requests_that_wait_together_are_batched_and_each_gets_its_own_labels(app, reference):
+    payloads = [image_bytes(64, 64, seed=i) for i in range(6)]
+    before = metric_samples(app.get("/metrics").text)
+    with held_engine(app) as (gate, running):
+        first = post_later(app, "/segment", content=image_bytes(48, 48), headers=PNG)
+        assert running.wait(30)
+        later = [post_later(app, "/segment", content=p, headers=PNG) for p in payloads]
+        gate.set()
+        responses = [f.result(60) for f in later]
+        assert first.result(60).status_code == 200
     for data, r in zip(payloads, responses, strict=True):
-        assert r.status_code == 200
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), reference(data))
-    after = metric_samples(server.client().get("/metrics").text)
+        assert r.status_code == 200 and np.array_equal(labels_of(r), reference(data))
+    after = metric_samples(app.get("/metrics").text)
 
-    def multi_request_batches(samples):
-        buckets = {
-            s.labels["le"]: s.value
-            for s in samples["segserve_batch_size_bucket"]
-            if s.labels["model"] == "tiny"
-        }
-        return buckets["+Inf"] - buckets["1.0"]
+    def batches(samples) -> tuple[float, float]:
+        count = next(s.value for s in samples["segserve_batch_size_count"])
+        total = next(s.value for s in samples["segserve_batch_size_sum"])
+        return count, total
 
-    assert multi_request_batches(after) > multi_request_batches(before)
+    (c0, s0), (c1, s1) = batches(before), batches(after)
+    assert s1 - s0 == 7 and c1 - c0 < 7  # 7 images in fewer runs than images
 
 
-def test_padding_in_a_batch_does_not_change_the_labels(server, reference):
-    """Batched-and-padded labels against lone unpadded runs: agreement on >= 99.5 % of pixels."""
-    payloads = [image_bytes(90 + 3 * i, 120 - 5 * i, seed=20 + i) for i in range(8)]
-    with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(8) as pool:
-        responses = list(
-            pool.map(
-                lambda d: client.post("/segment", content=d, headers={"Content-Type": "image/png"}),
-                payloads,
-            )
-        )
+def test_a_merged_batch_is_padded_and_keeps_the_labels(app, reference):
+    """With a GPU-like cost model (runs dear, pixels cheap) different sizes share one run,
+    padded to a common size; the labels still agree with lone unpadded runs."""
+    model = app.service.model("tiny")
+    stacked: list[tuple] = []
+    real_batch, real_cost = model.batcher.prepare_batch, model.batcher.cost
+
+    def spy(items):
+        out = real_batch(items)
+        stacked.append(out.shape)
+        return out
+
+    payloads = [image_bytes(40 + 3 * i, 70 - 5 * i, seed=20 + i) for i in range(6)]
+    model.batcher.prepare_batch = spy
+    model.batcher.cost = CostModel(per_pixel=1e-12, fixed=1.0)
+    try:
+        with held_engine(app) as (gate, running):
+            first = post_later(app, "/segment", content=image_bytes(16, 16), headers=PNG)
+            assert running.wait(30)
+            later = [post_later(app, "/segment", content=p, headers=PNG) for p in payloads]
+            gate.set()
+            responses = [f.result(60) for f in later]
+            first.result(60)
+    finally:
+        model.batcher.prepare_batch, model.batcher.cost = real_batch, real_cost
+    assert any(shape[0] >= 2 for shape in stacked[1:]), stacked
+    merged = max(stacked[1:])
+    assert merged[1] % 16 == 0 and merged[2] % 16 == 0  # NHWC, padded to the size divisor
     agree = total = 0
     for data, r in zip(payloads, responses, strict=True):
-        labels = np.asarray(Image.open(io.BytesIO(r.content)))
+        labels = labels_of(r)
         agree += int((labels == reference(data)).sum())
         total += labels.size
     assert agree / total >= 0.995
 
 
-def test_models_listing_and_palette_legend(server):
-    c = server.client()
-    listing = c.get("/models").json()
+def test_an_older_float_input_model_still_serves_the_same_labels(app, tiny_repository, reference):
+    card = ModelCard.from_metadata(
+        session_of(tiny_repository, 1).get_modelmeta().custom_metadata_map
+    )
+    assert (card.input_dtype, card.input_layout, card.output) == ("float32", "NCHW", "logits")
+    data = image_bytes(61, 47, seed=8)
+    old = app.post("/segment", params={"version": 1}, content=data, headers=PNG)
+    assert old.status_code == 200 and old.headers["x-model-version"] == "1"
+    assert (
+        labels_of(old) == reference(data)
+    ).mean() >= 0.999  # the same net, normalised on the host
+
+
+def test_models_listing_and_palette_legend(app):
+    listing = app.get("/models").json()
     assert listing["default"] == "tiny" and listing["failed"] == []
-    model = c.get("/models/tiny").json()
-    assert [cl["name"] for cl in model["classes"]] == ["background", "class1", "class2", "class3"]
+    model = app.get("/models/tiny").json()
+    assert [c["name"] for c in model["classes"]] == ["background", "class1", "class2", "class3"]
     assert model["classes"][1]["color"] == [20, 235, 5]
     assert model["input"]["size_divisor"] == 16 and len(model["input"]["mean"]) == 3
     assert model["card"]["architecture"] == "unet" and model["card"]["metrics"]["mean_iu"] == 0.7
-    legend = c.get("/models/tiny/palette.png")
+    legend = app.get("/models/tiny/palette.png")
     assert legend.status_code == 200 and Image.open(io.BytesIO(legend.content)).height >= 4 * 20
+    assert legend.headers["x-model"] == "tiny"
 
 
-def test_health_readiness_and_metrics_exposition(server):
-    c = server.client()
-    assert c.get("/healthz").status_code == 200
-    assert c.get("/readyz").json()["status"] == "ready"
-    text = c.get("/metrics").text
+def test_health_readiness_and_metrics_exposition(app):
+    assert app.get("/healthz").status_code == 200
+    assert app.get("/readyz").json()["status"] == "ready"
+    text = app.get("/metrics").text
     names = {f.name for f in text_string_to_metric_families(text)}
     for name in ("segserve_requests", "segserve_request_duration_seconds", "segserve_stage_duration_seconds", "segserve_batch_size",
                  "segserve_queue_depth", "segserve_inflight_requests", "segserve_image_pixels", "segserve_rejected",
                  "segserve_model_info"):  # fmt: skip
         assert name in names, name
-    info = metric_samples(text)["segserve_model_info"][0]
-    assert info.labels == {
-        "model": "tiny",
-        "version": "1",
-        "provider": "cpu",
-        "architecture": "unet",
-    }
-    stages = {
-        s.labels["stage"] for s in metric_samples(text)["segserve_stage_duration_seconds_count"]
-    }
-    assert stages >= {"decode", "queue", "preprocess", "inference", "encode"}
+    infos = [s.labels for s in metric_samples(text)["segserve_model_info"]]
+    assert {"model": "tiny", "version": "2", "provider": "cpu", "architecture": "unet"} in infos
+    routes = {s.labels["route"] for s in metric_samples(text)["segserve_requests_total"]}
+    assert "/segment" in routes and "/models/{name}" in routes  # matched routes, not paths
 
 
 BROKEN = {
@@ -204,246 +250,174 @@ BROKEN = {
 }
 
 
-def test_broken_files_get_4xx_and_the_server_stays_healthy(server, png_bomb):
-    c = server.client()
+def test_broken_files_get_400_bombs_413_and_the_server_keeps_serving(app, png_bomb):
+    before = rejected(app)
     for name, make in BROKEN.items():
-        r = c.post("/segment", content=make(), headers={"Content-Type": "image/jpeg"})
+        r = app.post("/segment", content=make(), headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 400, name
-        assert r.json()["error"] == "bad_request" and r.json()["detail"]
-        assert r.headers["x-model"] == "tiny"
-    bomb = c.post("/segment", content=png_bomb, headers={"Content-Type": "image/png"})
+        body = r.json()
+        assert body["error"] == "bad_request" and body["detail"]
+        assert body["request_id"] == r.headers["x-request-id"] and r.headers["x-model"] == "tiny"
+    bomb = app.post("/segment", content=png_bomb, headers=PNG)
     assert bomb.status_code == 413 and "pixel" in bomb.json()["detail"]
+    after = rejected(app)
+    assert after["bad_image"] - before.get("bad_image", 0) == len(BROKEN)
+    assert after["too_many_pixels"] - before.get("too_many_pixels", 0) == 1
     # A 1x1 image is small, not broken: it is segmented.
-    tiny = c.post("/segment", content=image_bytes(1, 1), headers={"Content-Type": "image/png"})
+    tiny = app.post("/segment", content=image_bytes(1, 1), headers=PNG)
     assert tiny.status_code == 200 and Image.open(io.BytesIO(tiny.content)).size == (1, 1)
-    assert c.get("/healthz").status_code == 200
-    assert (
-        c.post(
-            "/segment", content=image_bytes(40, 40), headers={"Content-Type": "image/png"}
-        ).status_code
-        == 200
-    )
+    assert app.post("/segment", content=image_bytes(40, 40), headers=PNG).status_code == 200
 
 
-def test_bad_input_does_not_harm_the_batch_it_would_have_joined(server, reference):
+def test_bad_files_sent_among_good_ones_change_nothing_for_the_good_ones(app, reference):
     good = [image_bytes(64, 64, seed=i) for i in range(6)]
     bad = [BROKEN["truncated.jpg"](), BROKEN["random.bin"]()]
     payloads = good[:3] + bad + good[3:]
-    with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(8) as pool:
-        responses = list(
-            pool.map(
-                lambda d: client.post("/segment", content=d, headers={"Content-Type": "image/png"}),
-                payloads,
-            )
-        )
-    codes = [r.status_code for r in responses]
-    assert codes == [200, 200, 200, 400, 400, 200, 200, 200]
+    responses = app.many([("POST", "/segment", {"content": d, "headers": PNG}) for d in payloads])
+    assert [r.status_code for r in responses] == [200, 200, 200, 400, 400, 200, 200, 200]
     for data, r in zip(good, [r for r in responses if r.status_code == 200], strict=True):
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), reference(data))
+        assert np.array_equal(labels_of(r), reference(data))
 
 
-def test_parameter_and_routing_errors(server):
-    c = server.client()
-    data, png = image_bytes(16, 16), {"Content-Type": "image/png"}
+def test_parameter_and_routing_errors(app):
+    data = image_bytes(16, 16)
     cases = [
-        (c.post("/segment", params={"model": "nope"}, content=data, headers=png), 404, "not_found"),
-        (c.post("/segment", params={"version": 7}, content=data, headers=png), 404, "not_found"),
-        (
-            c.post("/segment", params={"format": "gif"}, content=data, headers=png),
-            422,
-            "invalid_parameters",
-        ),
-        (
-            c.post(
-                "/segment", params={"format": "json", "masks": "unicorn"}, content=data, headers=png
-            ),
-            422,
-            "invalid_parameters",
-        ),
-        (
-            c.post("/segment", params={"masks": "all"}, content=data, headers=png),
-            422,
-            "invalid_parameters",
-        ),
-        (
-            c.post("/segment", content=data, headers={"Content-Type": "application/json"}),
-            415,
-            "unsupported_media_type",
-        ),
-        (
-            c.post("/segment", files={"other": ("x.png", data, "image/png")}),
-            422,
-            "invalid_parameters",
-        ),
-        (c.get("/models/nope"), 404, "not_found"),
-        (c.get("/segment"), 405, "method_not_allowed"),
-    ]
+        (app.post("/segment", params={"model": "nope"}, content=data, headers=PNG), 404, "not_found"),
+        (app.post("/segment", params={"version": 7}, content=data, headers=PNG), 404, "not_found"),
+        (app.post("/segment", params={"format": "gif"}, content=data, headers=PNG), 422, "invalid_parameters"),
+        (app.post("/segment", params={"format": "json", "masks": "unicorn"}, content=data, headers=PNG), 422, "invalid_parameters"),
+        (app.post("/segment", params={"format": "json", "masks": "\u00b2"}, content=data, headers=PNG), 422, "invalid_parameters"),
+        (app.post("/segment", params={"masks": "all"}, content=data, headers=PNG), 422, "invalid_parameters"),
+        (app.post("/segment", content=data, headers={"Content-Type": "application/json"}), 415, "unsupported_media_type"),
+        (app.post("/segment", files={"other": ("x.png", data, "image/png")}), 422, "invalid_parameters"),
+        (app.get("/models/nope"), 404, "not_found"),
+        (app.get("/segment"), 405, "method_not_allowed"),
+    ]  # fmt: skip
     for r, status, code in cases:
         assert r.status_code == status, (r.request.url, r.text)
         assert r.json()["error"] == code and r.json()["detail"]
 
 
-def test_limits_full_queue_and_failed_models(tiny_repository, tmp_path, png_bomb):
+def test_a_full_queue_and_an_overloaded_model_answer_503_at_once(tiny_repository):
+    with in_process(tiny_repository, max_queue=2) as app:
+        with held_engine(app) as (gate, running):
+            batcher = app.service.model("tiny").batcher
+            first = post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)
+            assert running.wait(30)
+            # A request predicted to miss its deadline is told so now, not at the deadline.
+            real_cost, batcher.cost = batcher.cost, CostModel(per_pixel=1.0, fixed=0.0)
+            late = app.post("/segment", content=image_bytes(32, 32), headers=PNG)
+            assert late.status_code == 503 and "predicted wait" in late.json()["detail"]
+            batcher.cost = real_cost
+            queued = [
+                post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)
+                for _ in range(2)
+            ]
+            while batcher.depth < 2:
+                app.run(asyncio.sleep(0.01))  # poll until both are queued
+            full = app.post("/segment", content=image_bytes(32, 32), headers=PNG)
+            assert full.status_code == 503 and full.json()["error"] == "unavailable"
+            assert int(full.headers["retry-after"]) >= 1 and "queue full" in full.json()["detail"]
+            gate.set()
+            assert [f.result(60).status_code for f in [first, *queued]] == [200, 200, 200]
+        reasons = rejected(app)
+        assert reasons["queue_full"] == 1 and reasons["overloaded"] == 1
+        assert app.get("/healthz").status_code == 200
+
+
+def test_a_request_whose_deadline_passes_while_queued_gets_504(tiny_repository):
+    with in_process(tiny_repository, request_timeout_s=1.0) as app:
+        with held_engine(app) as (gate, running):
+            first = post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)
+            assert running.wait(30)
+            r = app.post("/segment", content=image_bytes(32, 32), headers=PNG)
+            assert r.status_code == 504 and r.json()["error"] == "deadline_exceeded"
+            gate.set()
+            # The held one passed its deadline too, while running: its answer is 504 as well.
+            assert first.result(60).status_code == 504
+        assert rejected(app)["deadline"] == 2
+        assert app.service.model("tiny").batcher.depth == 0  # the given-up job left the queue
+
+
+def test_failed_models_are_listed_and_readiness_says_why(tiny_repository, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repository, repo)
     (repo / "broken" / "1").mkdir(parents=True)
     (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
-    settings = {
-        "max_queue": 1,
-        "max_batch_size": 1,
-        "max_queue_delay_ms": 0,
-        "max_body_bytes": 300_000,
-        "default_model": "tiny",
-    }
-    with run_server(repo, tmp_path, wait_ready=False, **settings) as server:
-        c = server.client()
-        time.sleep(1.0)
-        # A broken model is reported, the others serve; readiness says why it is not ready.
-        listing = c.get("/models").json()
-        assert listing["failed"][0]["name"] == "broken" and "tiny" in [
-            m["name"] for m in listing["models"]
-        ]
-        ready = c.get("/readyz")
+    with in_process(repo, default_model="tiny") as app:
+        listing = app.get("/models").json()
+        assert listing["failed"][0]["name"] == "broken"
+        assert "tiny" in [m["name"] for m in listing["models"]]
+        ready = app.get("/readyz")
         assert ready.status_code == 503 and "broken" in ready.json()["detail"]
-        assert "could not load" in server.log_text()
-        assert c.get("/models/broken").status_code == 404
-        # 413 before the body is read whole: by Content-Length and for a chunked body.
+        assert app.get("/models/broken").status_code == 404
+        assert app.post("/segment", content=image_bytes(16, 16), headers=PNG).status_code == 200
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read_whole(tiny_repository):
+    with in_process(tiny_repository, max_body_bytes=300_000) as app:
         big = b"\xff" * 400_000
         assert (
-            c.post("/segment", content=big, headers={"Content-Type": "image/jpeg"}).status_code
+            app.post("/segment", content=big, headers={"Content-Type": "image/jpeg"}).status_code
             == 413
         )
 
-        def chunks():
+        async def chunks():
             for _ in range(40):
                 yield b"\x00" * 10_000
 
-        r = c.post("/segment", content=chunks(), headers={"Content-Type": "image/jpeg"})
+        r = app.post("/segment", content=chunks(), headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 413 and r.json()["error"] == "too_large"
-        # The queue holds one request: a burst of large images overflows it at once.
-        payload = image_bytes(300, 300, "JPEG")
-        with ThreadPoolExecutor(16) as pool:
-            responses = list(
-                pool.map(
-                    lambda _: httpx.post(
-                        server.url + "/segment",
-                        content=payload,
-                        headers={"Content-Type": "image/jpeg"},
-                        timeout=60,
-                    ),
-                    range(16),
-                )
-            )
-        codes = [r.status_code for r in responses]
-        assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
-        full = next(r for r in responses if r.status_code == 503)
-        assert full.headers["retry-after"] and full.json()["error"] == "unavailable"
-        assert c.get("/healthz").status_code == 200
-        rejected = {
-            s.labels["reason"]: s.value
-            for s in metric_samples(c.get("/metrics").text)["segserve_rejected_total"]
-        }
-        assert rejected["queue_full"] >= 1 and rejected["body_too_large"] >= 2
+        assert rejected(app)["body_too_large"] == 2
 
 
-def test_deadline_gives_504(tiny_repository, tmp_path):
-    with run_server(tiny_repository, tmp_path, request_timeout_s=0.002) as server:
-        r = server.client().post(
-            "/segment", content=image_bytes(256, 256), headers={"Content-Type": "image/png"}
-        )
-        assert r.status_code == 504 and r.json()["error"] == "deadline_exceeded"
-        assert server.client().get("/healthz").status_code == 200
-
-
-def test_api_key_guards_inference_but_not_health(tiny_repository, tmp_path):
-    with run_server(tiny_repository, tmp_path, api_key="s3cret") as server:
-        c = server.client()
-        data, png = image_bytes(16, 16), {"Content-Type": "image/png"}
-        for r in (c.post("/segment", content=data, headers=png), c.get("/models"), c.get("/v2/models/tiny"),
-                  c.post("/segment", content=data, headers={**png, "Authorization": "Bearer wrong"})):  # fmt: skip
+def test_api_key_guards_inference_and_models_but_not_health(tiny_repository):
+    with in_process(tiny_repository, api_key="s3cret") as app:
+        data = image_bytes(16, 16)
+        for r in (app.post("/segment", content=data, headers=PNG), app.get("/models"), app.get("/v2/models/tiny"),
+                  app.get("/v2"), app.post("/segment", content=data, headers={**PNG, "Authorization": "Bearer wrong"})):  # fmt: skip
             assert r.status_code == 401 and r.json()["error"] == "unauthorized"
-        assert (
-            c.post(
-                "/segment", content=data, headers={**png, "Authorization": "Bearer s3cret"}
-            ).status_code
-            == 200
-        )
-        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
-        assert c.get("/metrics").status_code == 200 and c.get("/v2/health/live").status_code == 200
+            assert r.headers["www-authenticate"] == "Bearer"
+        ok = app.post("/segment", content=data, headers={**PNG, "Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+            assert app.get(path).status_code == 200, path
+        assert rejected(app)["unauthorized"] == 5
 
 
-def test_tritonclient_round_trip(server, reference):
-    import tritonclient.http as triton
+def v2_binary_request(pixels: np.ndarray) -> tuple[bytes, dict]:
+    header = json.dumps({
+        "inputs": [{"name": "image", "datatype": "UINT8", "shape": list(pixels.shape),
+                    "parameters": {"binary_data_size": pixels.nbytes}}],
+        "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
+    }).encode()  # fmt: skip
+    return header + pixels.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 
-    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
-    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
-    meta = client.get_model_metadata("tiny")
-    assert meta["inputs"][0]["name"] == "image" and meta["outputs"][0]["name"] == "labels"
-    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+
+def test_v2_infer_in_binary_and_json_through_the_same_path(app, reference):
     payloads = [image_bytes(48, 64, seed=s) for s in (1, 2)]
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in payloads])
-    for binary in (True, False):
-        inp = triton.InferInput("image", list(pixels.shape), "UINT8")
-        inp.set_data_from_numpy(pixels, binary_data=binary)
-        result = client.infer(
-            "tiny", [inp], outputs=[triton.InferRequestedOutput("labels", binary_data=binary)]
-        )
-        labels = result.as_numpy("labels")
-        assert labels.shape == (2, 48, 64)
-        for p, lab in zip(payloads, labels, strict=True):
-            assert np.array_equal(lab, reference(p))
-    encoded = triton.InferInput("image", [1], "BYTES")
-    encoded.set_data_from_numpy(np.array([payloads[0]], dtype=object))
-    labels = client.infer("tiny", [encoded]).as_numpy("labels")
-    assert np.array_equal(labels[0], reference(payloads[0]))
-    with pytest.raises(triton.InferenceServerException):
-        client.infer("nope", [inp])
+    body, headers = v2_binary_request(pixels)
+    r = app.post("/v2/models/tiny/infer", content=body, headers=headers)
+    assert r.status_code == 200 and r.headers["x-model"] == "tiny"
+    size = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.content[:size])
+    assert meta["outputs"][0]["shape"] == [2, 48, 64]
+    labels = np.frombuffer(r.content[size:], np.uint8).reshape(2, 48, 64)
+    for p, lab in zip(payloads, labels, strict=True):
+        assert np.array_equal(lab, reference(p))
+    encoded = {"id": "x1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                       "data": [base64.b64encode(payloads[0]).decode()]}]}  # fmt: skip
+    out = app.post("/v2/models/tiny/versions/1/infer", json=encoded).json()
+    assert out["id"] == "x1" and out["model_version"] == "1"
+    old = np.array(out["outputs"][0]["data"]).reshape(48, 64)
+    assert (old == reference(payloads[0])).mean() >= 0.999
 
 
-def test_sigterm_drains_queued_requests_then_exits(tiny_repository, tmp_path):
-    payloads = [image_bytes(256, 256, seed=i) for i in range(8)]
-    results: list = [None] * len(payloads)
-    with run_server(tiny_repository, tmp_path, max_batch_size=1) as server:
-
-        def send(i):
-            try:
-                results[i] = httpx.post(
-                    server.url + "/segment",
-                    content=payloads[i],
-                    headers={"Content-Type": "image/png"},
-                    timeout=60,
-                ).status_code
-            except httpx.HTTPError as exc:
-                results[i] = exc
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(payloads))]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)  # the requests are in: queued or running
-        server.proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(60)
-        # uvicorn re-raises the SIGTERM it caught once it has shut down cleanly, so the
-        # exit status says "terminated"; the log and the answers show it drained first.
-        assert server.proc.wait(60) in (0, -signal.SIGTERM)
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(server.url + "/healthz", timeout=2)
-    assert results == [200] * len(payloads), results
-    log = server.log_text()
-    assert "Waiting for application shutdown" in log and "Finished server process" in log
-
-
-def test_service_and_cli_import_without_torch():
-    """The GPU image carries no torch: service/, predict, bench and the CLI must not need it."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-        "import segserve.service.app, segserve.service.predict, segserve.loadgen\n"
-        "from segserve.cli import build_parser\n"
-        "build_parser().parse_args(['serve', '--port', '1'])\n"
-        "segserve.service.app.create_app()\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+def test_a_bad_image_through_v2_is_refused_and_counted_like_one_through_segment(app):
+    before = rejected(app).get("bad_image", 0)
+    bad = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                       "data": [base64.b64encode(b"not an image").decode()]}]}  # fmt: skip
+    r = app.post("/v2/models/tiny/infer", json=bad)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    assert rejected(app)["bad_image"] == before + 1

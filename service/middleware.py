@@ -1,0 +1,87 @@
+"""One ASGI middleware around every request: its id, its arrival time (the deadline counts
+from it), the request metrics, and the last resort for an unexpected exception.
+
+The model a request reached travels in request state (`scope["state"]["model"]`), set by the
+route that resolved it; the route label is the matched route's path template. An unexpected
+exception becomes a JSON 500 here, inside Starlette's ServerErrorMiddleware, so that it never
+re-raises to uvicorn, which would drop the keep-alive connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from segserve.service.errors import error_body
+from segserve.service.metrics import ServiceMetrics
+
+log = logging.getLogger("segserve.request")
+
+# A client's X-Request-ID is kept when it is short and printable; otherwise a new one is made.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def route_label(scope: Scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, arrived=time.monotonic(), started=time.perf_counter())
+        status, started = 500, False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                if "model" in state:
+                    headers.append((b"x-model", state["model"].encode()))
+                    headers.append((b"x-model-version", str(state["version"]).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:  # the last resort: nothing may reach uvicorn
+            log.exception("request %s failed: %s", request_id, exc)
+            if not started:
+                body = json.dumps(
+                    error_body("internal_error", f"{type(exc).__name__}: {exc}", request_id)
+                ).encode()
+                await send_wrapper(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            self.metrics.inflight.dec()
+            route = route_label(scope)
+            if route != "/metrics":
+                model = state.get("model", "")
+                self.metrics.requests.labels(model, route, str(status)).inc()
+                self.metrics.request_duration.labels(model, route).observe(
+                    time.perf_counter() - state["started"]
+                )

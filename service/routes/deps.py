@@ -1,0 +1,55 @@
+"""FastAPI dependencies: the service, the API key, the model a request names."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from segserve.service.core import InferenceService
+from segserve.service.errors import ServiceError
+from segserve.service.registry import ServedModel
+
+
+def get_service(request: Request) -> InferenceService:
+    return request.app.state.service
+
+
+Service = Annotated[InferenceService, Depends(get_service)]
+
+
+def authorize(request: Request, service: Service) -> None:
+    """With an API key set: `Authorization: Bearer KEY` or 401."""
+    key = service.settings.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+        raise ServiceError(
+            401,
+            "missing or wrong API key: send Authorization: Bearer KEY",
+            reason="unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def use_model(request: Request, name: str | None, version: int | None) -> ServedModel:
+    """Resolve the model and note it in request state: from here on, the response headers
+    and the request metrics name it."""
+    model = get_service(request).model(name, version)
+    request.state.model, request.state.version = model.name, model.version
+    return model
+
+
+def deadline_of(request: Request) -> float:
+    """The request's deadline on time.monotonic(): its timeout counts from its arrival."""
+    return request.state.arrived + get_service(request).settings.request_timeout_s
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

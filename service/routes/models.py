@@ -1,0 +1,64 @@
+"""GET /models, /models/{name}, /models/{name}/palette.png: what is served, for people and tools."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from segserve.service.legend import legend_png
+from segserve.service.registry import ServedModel
+from segserve.service.routes.deps import Service, authorize, use_model
+
+router = APIRouter(dependencies=[Depends(authorize)])
+
+
+def model_summary(m: ServedModel, versions: list[int]) -> dict:
+    card = m.card
+    return {
+        "name": m.name,
+        "version": m.version,
+        "versions": versions,
+        "architecture": card.architecture,
+        "provider": m.engine.provider,
+        "ready": m.warmed,
+        "classes": [
+            {"id": i, "name": n, "color": card.palette[i]} for i, n in enumerate(card.class_names)
+        ],
+        "input": {
+            "mean": card.mean,
+            "std": card.std,
+            "dtype": card.input_dtype,
+            "layout": card.input_layout,
+            "size_divisor": card.size_divisor,
+        },
+        "output": card.output,
+    }
+
+
+@router.get("/models")
+async def list_models(service: Service) -> dict:
+    registry = service.registry
+    return {
+        "default": registry.default_name,
+        "models": [model_summary(m, registry.versions(m.name)) for m in registry.all()],
+        "failed": [
+            {"name": f.name, "version": f.version, "error": f.error} for f in registry.failed
+        ],
+    }
+
+
+@router.get("/models/{name}")
+async def get_model(
+    request: Request,
+    service: Service,
+    name: str,
+    version: int | None = Query(None, ge=1),
+) -> dict:
+    m = use_model(request, name, version)
+    return {**model_summary(m, service.registry.versions(m.name)), "card": m.card.as_dict()}
+
+
+@router.get("/models/{name}/palette.png")
+async def palette_png(request: Request, name: str, version: int | None = Query(None, ge=1)):
+    m = use_model(request, name, version)
+    return Response(legend_png(m.card.class_names, m.card.palette), media_type="image/png")

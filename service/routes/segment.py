@@ -1,0 +1,59 @@
+"""POST /segment: one image in, its labels out as a PNG, an overlay or JSON."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from segserve.service.body import image_bytes
+from segserve.service.errors import ServiceError
+from segserve.service.render import MaskSpecError, RenderSpec, parse_masks
+from segserve.service.routes.deps import (
+    Service,
+    authorize,
+    deadline_of,
+    use_model,
+    wait_for_disconnect,
+)
+
+router = APIRouter(dependencies=[Depends(authorize)])
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in timings.items())
+
+
+@router.post("/segment")
+async def segment(
+    request: Request,
+    service: Service,
+    model: str | None = Query(None, description="model name; default: the server's default"),
+    version: int | None = Query(None, ge=1, description="model version; default: the newest"),
+    format: Literal["png", "json", "overlay"] = Query("png"),
+    masks: str = Query(
+        "none", description="none | all | comma-separated class names or ids (format=json)"
+    ),
+    mask_encoding: Literal["png", "rle"] = Query("png"),
+) -> Response:
+    served = use_model(request, model, version)
+    try:
+        mask_ids = parse_masks(masks, served.card)
+    except MaskSpecError as exc:
+        raise ServiceError(422, str(exc)) from exc
+    if mask_ids and format != "json":
+        raise ServiceError(422, "masks come with format=json")
+    data = await image_bytes(request, service.settings.max_body_bytes)
+    timings: dict[str, float] = {}
+    image = await service.decode(data, served, timings)
+    (labels,) = await service.segment(
+        served, [image], deadline_of(request), timings, partial(wait_for_disconnect, request)
+    )
+    spec = RenderSpec(format, tuple(mask_ids), mask_encoding)
+    started = request.state.started
+    body, media_type = await service.render(served, image, labels, spec, timings, started)
+    timings["total"] = time.perf_counter() - started
+    return Response(body, media_type=media_type, headers={"Server-Timing": server_timing(timings)})
