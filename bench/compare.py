@@ -56,9 +56,9 @@ def peak_rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def start(cmd: list[str], port: int, env: dict, log: Path) -> subprocess.Popen:
+def start(cmd: list[str], port: int, env: dict, log: Path, cwd: Path = ROOT) -> subprocess.Popen:
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT
+        cmd, cwd=cwd, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -102,7 +102,7 @@ def main() -> None:
     engine = Engine.load(
         args.repository / args.model / str(versions[-1]) / "model.onnx", "cpu", threads
     )
-    rgb = decode_image(images[0][0], 10**9)
+    rgb = decode_image(images[0].data, 10**9)
     bare = {}
     for n in (1, 2, 4, 8):
         s = time_session(engine, [rgb] * n, 5.0)
@@ -134,7 +134,7 @@ def main() -> None:
     )
     url = f"http://127.0.0.1:{port}"
     rss_idle = peak_rss_mb(proc.pid)
-    results = loadgen.bench(url, args.concurrency, args.duration, images)
+    results = loadgen.bench(loadgen.Target(url), args.concurrency, args.duration, images)
     rss_load = peak_rss_mb(proc.pid)
     print(loadgen.format_table(results), flush=True)
     loadgen.plot(
@@ -153,7 +153,7 @@ def main() -> None:
         {**env, "SEGSERVE_MAX_BATCH_SIZE": "1"},
         log,
     )
-    off = loadgen.bench(url, [16], args.duration, images)
+    off = loadgen.bench(loadgen.Target(url), [16], args.duration, images)
     proc.terminate()
     proc.wait(60)
     report["segserve_batching_off"] = [r.__dict__ for r in off]
@@ -177,7 +177,7 @@ def main() -> None:
         args.out / "naive.log",
     )
     naive_idle = peak_rss_mb(proc.pid)
-    naive = loadgen.bench(url, [1, 4, 16], args.duration, images)
+    naive = loadgen.bench(loadgen.Target(url), [1, 4, 16], args.duration, images)
     naive_peak = peak_rss_mb(proc.pid)
     proc.terminate()
     proc.wait(60)

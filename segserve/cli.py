@@ -171,31 +171,27 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     import uvicorn
 
+    from segserve.service import logs
     from segserve.service.app import create_app
     from segserve.service.settings import Settings
 
     overrides = {"repository": args.repository} if args.repository is not None else {}
     settings = Settings(**overrides)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_format)
     # uvicorn handles SIGTERM: it stops accepting, lets open requests finish (queued ones
     # included, up to the request deadline), then runs the app's shutdown, which drains
     # the batchers.
     uvicorn.run(
-        create_app(settings), host=args.host, port=args.port, log_level="info",
+        create_app(settings), host=args.host, port=args.port, log_config=None,
+        access_log=False,  # segserve.request logs each request, with its id and timings
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
     )  # fmt: skip
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json as _json
-
     from segserve import loadgen
     from segserve.service.settings import parse_shapes
 
@@ -204,21 +200,18 @@ def _bench(args: argparse.Namespace) -> int:
         if args.images
         else loadgen.synthetic_images(parse_shapes(args.sizes))
     )
+    target = loadgen.Target(args.url, args.protocol, args.model, args.format, args.api_key)
     try:
         results = loadgen.bench(
-            args.url,
-            args.concurrency,
-            args.duration,
-            images,
-            args.format,
-            args.api_key,
-            progress=not args.json,
-        )
-    except httpx_errors() as exc:
+            target, args.concurrency, args.duration, images, progress=not args.json,
+            server_pid=args.server_pid,
+        )  # fmt: skip
+    except ConnectionError as exc:
         print(f"segserve bench: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
+    report = loadgen.to_json(target, args.duration, images, results)
     if args.json:
-        print(loadgen.to_json(results))
+        print(report)
     else:
         print(f"{args.url}  {len(images)} images  {args.duration:.0f} s per level\n")
         print(loadgen.format_table(results))
@@ -227,14 +220,8 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"\nplot: {args.plot}")
     if args.json_out:
-        args.json_out.write_text(_json.dumps(_json.loads(loadgen.to_json(results)), indent=2))
+        args.json_out.write_text(report + "\n")
     return 0
-
-
-def httpx_errors() -> tuple[type[Exception], ...]:
-    import httpx
-
-    return (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -331,32 +318,49 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     bench = sub.add_parser(
-        "bench", help="load-test a running server's POST /segment", formatter_class=_Formatter
+        "bench",
+        help="load-test a running server: POST /segment, or v2 infer on any KServe/Triton server",
+        formatter_class=_Formatter,
     )
     bench.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
     bench.add_argument(
-        "--concurrency", type=int, nargs="+", default=[1, 4, 16], help="one run per level"
+        "--protocol", choices=("segment", "v2"), default="segment",
+        help="segment: encoded images to POST /segment; v2: UINT8 [1,H,W,3] binary tensors to "
+        "/v2/models/MODEL/infer (segserve, Triton, KServe)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--model", default=None, help="model name (v2: required; segment: default model if unset)"
     )
+    bench.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 4, 16],
+        help="closed-loop workers; one run per level",
+    )  # fmt: skip
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     bench.add_argument(
-        "--images",
-        type=Path,
-        default=None,
+        "--images", type=Path, default=None,
         help="a folder of images (default: synthetic JPEGs of --sizes)",
-    )
+    )  # fmt: skip
     bench.add_argument(
         "--sizes", default="512x512,375x500", help="HxW list for the synthetic images"
     )
-    bench.add_argument("--format", choices=("png", "json"), default="png")
-    bench.add_argument("--api-key", default=None)
-    bench.add_argument("--json", action="store_true", help="print the results as JSON")
-    bench.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
     bench.add_argument(
-        "--plot",
-        type=Path,
-        default=None,
-        help="PNG of latency percentiles and throughput vs concurrency",
+        "--format", choices=("png", "json"), default="png", help="segment: the answer format"
     )
+    bench.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
+    bench.add_argument(
+        "--server-pid", type=int, default=None,
+        help="a server process on this machine: report its CPU time per request (from /proc)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--json", action="store_true",
+        help="print one JSON object (url, protocol, model, images, runs: one entry per level) "
+        "instead of the table",
+    )  # fmt: skip
+    bench.add_argument("--json-out", type=Path, default=None, help="also write that JSON here")
+    bench.add_argument(
+        "--plot", type=Path, default=None,
+        help="PNG of latency percentiles (log scale) and throughput vs concurrency",
+    )  # fmt: skip
     bench.set_defaults(func=_bench)
 
     boot = sub.add_parser(

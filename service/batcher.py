@@ -73,6 +73,8 @@ class Job:
         return self.size[0] * self.size[1]
 
 
+# Stacks items into one input; run in a thread of the batcher's own, except for a single item,
+# which must be cheap (the engine returns a view) as it runs on the event loop.
 PrepareBatch = Callable[[list[Any]], Any]
 RunBatch = Callable[[Any, list[tuple[int, int]]], list[Any]]
 OnBatch = Callable[[int, float], None]
@@ -223,9 +225,11 @@ class Batcher:
             self._next = group
             t0 = self.clock()
             try:
-                batch = await loop.run_in_executor(
-                    self._executor, self.prepare_batch, [j.item for j in group]
-                )
+                items = [j.item for j in group]
+                if len(group) == 1:  # a batch of one is a view: a thread hop would cost more
+                    batch = self.prepare_batch(items)
+                else:
+                    batch = await loop.run_in_executor(self._executor, self.prepare_batch, items)
             except Exception as exc:  # a batch that cannot be formed fails its own jobs only
                 self._next = []
                 _fail(group, exc)

@@ -98,7 +98,7 @@ class InferenceService:
         s = self.settings
         engine = Engine.load(
             entry.model_path, s.providers, s.intra_op_threads, s.cudnn_conv_algo_search,
-            cpu_arena=s.cpu_mem_arena,
+            cpu_arena=s.cpu_mem_arena, spinning=s.ort_spinning,
         )  # fmt: skip
         name = entry.name
 
@@ -108,7 +108,9 @@ class InferenceService:
         batcher = Batcher(
             engine.batch,
             engine.run,
-            Limits(s.max_batch_size, s.max_batch_pixels, engine.card.size_divisor),
+            Limits(
+                s.batch_size_for(engine.provider), s.max_batch_pixels, engine.card.size_divisor
+            ),
             CostModel(),
             max_queue=s.max_queue,
             max_queued_pixels=s.max_queued_pixels,

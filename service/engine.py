@@ -88,6 +88,7 @@ class Engine:
         intra_op_threads: int = 1,
         cudnn_conv_algo_search: str = "HEURISTIC",
         cpu_arena: bool = False,
+        spinning: bool = False,
         card: ModelCard | None = None,
     ) -> Engine:
         chosen, strict = choose_providers(providers, ort.get_available_providers())
@@ -98,6 +99,9 @@ class Engine:
         # Served shapes vary per request; a CPU arena keeps its high-water mark forever
         # (docs/benchmarks.md: memory), so by default each run's buffers go back at once.
         opts.enable_cpu_mem_arena = cpu_arena
+        # Idle intra-op threads spin for work by default: CPU burnt between requests that the
+        # decode and encode threads need (docs/benchmarks.md: server CPU per request).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         session = ort.InferenceSession(
             str(path),
             opts,

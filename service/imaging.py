@@ -46,7 +46,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                 raise ImageDecodeError(f"image has no pixels ({w}x{h})")
             image.seek(0)  # first frame of an animation
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is no rotation
             return _to_rgb(image)
     except ImageTooLarge:
         raise

@@ -18,10 +18,14 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from segserve.service.errors import error_body
+from segserve.service.logs import FIELDS
 from segserve.service.metrics import ServiceMetrics
 
 log = logging.getLogger("segserve.request")
 
+# Probes and scrapes come every few seconds; their lines would drown the requests' (errors
+# are still logged).
+QUIET_ROUTES = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
 # A client's X-Request-ID is kept when it is short and printable; otherwise a new one is made.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -78,10 +82,20 @@ class RequestMiddleware:
                 await send({"type": "http.response.body", "body": body})
         finally:
             self.metrics.inflight.dec()
+            seconds = time.perf_counter() - state["started"]
             route = route_label(scope)
+            model = state.get("model", "")
             if route != "/metrics":
-                model = state.get("model", "")
                 self.metrics.requests.labels(model, route, str(status)).inc()
-                self.metrics.request_duration.labels(model, route).observe(
-                    time.perf_counter() - state["started"]
-                )
+                self.metrics.request_duration.labels(model, route).observe(seconds)
+            if route not in QUIET_ROUTES or status >= 400:
+                fields = {
+                    "request_id": request_id, "method": scope["method"], "path": scope["path"],
+                    "route": route, "status": status, "model": model,
+                    "version": state.get("version", ""), "ms": round(seconds * 1000, 2),
+                }  # fmt: skip
+                if "timings" in state:
+                    fields["stages_ms"] = {
+                        k: round(v * 1000, 2) for k, v in state["timings"].items()
+                    }
+                log.info("request", extra={FIELDS: fields})

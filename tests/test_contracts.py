@@ -107,4 +107,4 @@ def test_palette_is_vocs_colour_map():
     palette = voc_palette()
     assert palette[:3] == [[0, 0, 0], [128, 0, 0], [0, 128, 0]] and palette[15] == [192, 128, 128]
     flat = pil_palette([[9, 9, 9]])
-    assert len(flat) == 768 and flat[:3] == [9, 9, 9] and flat[3:6] == [128, 0, 0]
+    assert len(flat) == 768 and list(flat[:3]) == [9, 9, 9] and list(flat[3:6]) == [128, 0, 0]

@@ -1,6 +1,8 @@
 """The load generator's statistics against a stub server whose answers are known exactly."""
 
 import asyncio
+import json
+import os
 import threading
 import time
 
@@ -20,6 +22,7 @@ class StubServer:
 
     def __init__(self) -> None:
         self.count = 0
+        self.seen: list[tuple[str, dict, int]] = []  # (path, headers, body bytes) per request
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -40,9 +43,17 @@ class StubServer:
                 f'segserve_batch_size_sum{{model="m"}} {2 * n}\n'
             ).encode()
             status = 200
+        elif scope["method"] != "POST":  # the bench's reachability check
+            body, status = b"", 404
         else:
-            while (await receive()).get("more_body"):
-                pass
+            size = 0
+            while True:
+                message = await receive()
+                size += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            self.seen.append((scope["path"], headers, size))
             self.count += 1
             number = self.count
             await asyncio.sleep(DELAY_S)
@@ -81,11 +92,20 @@ def test_summary_statistics_are_exact_on_known_latencies():
     assert stats.status_counts == {"200": 100, "503": 1}
 
 
+def test_latencies_are_also_summarised_per_image_size():
+    stats = loadgen.summarize(
+        1, [0.01, 0.03, 0.1, 0.3], [200, 200, 200, 503], 1.0, ["8x8", "8x8", "9x9", "9x9"]
+    )
+    assert stats.p50_ms_by_size == pytest.approx({"8x8": 20.0, "9x9": 100.0})
+
+
 def test_bench_counts_every_answer_and_reads_the_server_breakdown(stub):
     app, url = stub
     images = loadgen.synthetic_images([(32, 48)], per_size=2)
     start_count = app.count
-    (stats,) = loadgen.bench(url, [3], 1.0, images, progress=False)
+    (stats,) = loadgen.bench(
+        loadgen.Target(url), [3], 1.0, images, progress=False, server_pid=os.getpid()
+    )
     sent = app.count - start_count
     assert stats.requests == sent
     assert stats.status_counts.get("503", 0) + stats.ok == sent
@@ -95,34 +115,28 @@ def test_bench_counts_every_answer_and_reads_the_server_breakdown(stub):
     assert stats.server_stage_ms["decode"] == pytest.approx(1.0)
     assert stats.server_mean_batch == pytest.approx(2.0)
     assert stats.server_batches == sent
+    assert stats.server_cpu_ms_per_request > 0  # this process is the stub's "server"
+    path, headers, size = app.seen[-1]
+    assert path == "/segment" and headers["content-type"] == "image/jpeg" and size > 100
 
 
-def test_bench_cli_json_and_plot(stub, tmp_path, capsys):
+def test_v2_requests_carry_binary_uint8_tensors(stub):
+    app, url = stub
+    images = loadgen.synthetic_images([(32, 48)], per_size=1)
+    loadgen.bench(loadgen.Target(url, "v2", "m"), [1], 0.2, images, progress=False)
+    path, headers, size = app.seen[-1]
+    header_length = int(headers["inference-header-content-length"])
+    assert path == "/v2/models/m/infer" and size == header_length + 32 * 48 * 3
+
+
+def test_bench_cli_prints_one_json_object_and_a_plot(stub, tmp_path, capsys):
     _, url = stub
     plot = tmp_path / "bench.png"
-    assert (
-        main(
-            [
-                "bench",
-                "--url",
-                url,
-                "--concurrency",
-                "1",
-                "2",
-                "--duration",
-                "0.5",
-                "--sizes",
-                "40x40",
-                "--json",
-                "--plot",
-                str(plot),
-            ]
-        )
-        == 0
-    )
-    import json
-
-    runs = json.loads(capsys.readouterr().out)
-    assert [r["concurrency"] for r in runs] == [1, 2]
+    args = ["bench", "--url", url, "--concurrency", "1", "2", "--duration", "0.5",
+            "--sizes", "40x40", "--json", "--plot", str(plot)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["url"] == url and report["images"] == ["40x40"]
+    assert [r["concurrency"] for r in report["runs"]] == [1, 2]
     assert plot.stat().st_size > 1000
     assert main(["bench", "--url", f"http://127.0.0.1:{free_port()}", "--duration", "0.2"]) == 1

@@ -11,6 +11,7 @@ import json
 import shutil
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -28,7 +29,8 @@ PNG = {"Content-Type": "image/png"}
 
 @pytest.fixture(scope="module")
 def app(tiny_repository):
-    with in_process(tiny_repository) as a:
+    # Batches of up to 8, as on a GPU: on CPU the default is 1 (tested below).
+    with in_process(tiny_repository, max_batch_size=8) as a:
         yield a
 
 
@@ -66,29 +68,50 @@ def rejected(app) -> dict[str, float]:
     return {s.labels["reason"]: s.value for s in samples}
 
 
+@dataclass
+class Held:
+    gate: threading.Event  # set: the held run (and every later one) goes on
+    running: threading.Event  # set once a run has started
+    runs: list  # the sizes of every run started while held
+
+
 @contextmanager
 def held_engine(app, name: str = "tiny"):
-    """Holds the model's next session.run until the block ends (or `gate` is set)."""
+    """Holds the model's session.runs until the block ends (or `gate` is set)."""
     batcher = app.service.model(name).batcher
     real = batcher.run_batch
-    gate, running = threading.Event(), threading.Event()
+    held = Held(threading.Event(), threading.Event(), [])
 
     def run(batch, sizes):
-        running.set()
-        assert gate.wait(60)
+        held.runs.append(sizes)
+        held.running.set()
+        assert held.gate.wait(60)
         return real(batch, sizes)
 
     batcher.run_batch = run
     try:
-        yield gate, running
+        yield held
     finally:
-        gate.set()
+        held.gate.set()
         batcher.run_batch = real
 
 
 def post_later(app, *args, **kw):
     """Send a request without waiting for its answer; `.result()` gives the response."""
     return asyncio.run_coroutine_threadsafe(app.client.post(*args, **kw), app.loop)
+
+
+def behind_a_held_run(app, payloads: list[bytes]) -> list:
+    """Send `payloads` while the engine is held on another request, so that they all wait
+    together; then let everything run. Their responses, in order."""
+    with held_engine(app) as held:
+        first = post_later(app, "/segment", content=image_bytes(16, 16), headers=PNG)
+        assert held.running.wait(30)
+        later = [post_later(app, "/segment", content=p, headers=PNG) for p in payloads]
+        held.gate.set()
+        responses = [f.result(60) for f in later]
+        assert first.result(60).status_code == 200
+    return responses
 
 
 def test_png_format_returns_the_label_map_with_headers(app, reference):
@@ -144,13 +167,7 @@ def test_json_format_with_masks_decodes_back_to_the_label_map(app, reference, en
 def test_requests_that_wait_together_are_batched_and_each_gets_its_own_labels(app, reference):
     payloads = [image_bytes(64, 64, seed=i) for i in range(6)]
     before = metric_samples(app.get("/metrics").text)
-    with held_engine(app) as (gate, running):
-        first = post_later(app, "/segment", content=image_bytes(48, 48), headers=PNG)
-        assert running.wait(30)
-        later = [post_later(app, "/segment", content=p, headers=PNG) for p in payloads]
-        gate.set()
-        responses = [f.result(60) for f in later]
-        assert first.result(60).status_code == 200
+    responses = behind_a_held_run(app, payloads)
     for data, r in zip(payloads, responses, strict=True):
         assert r.status_code == 200 and np.array_equal(labels_of(r), reference(data))
     after = metric_samples(app.get("/metrics").text)
@@ -180,13 +197,7 @@ def test_a_merged_batch_is_padded_and_keeps_the_labels(app, reference):
     model.batcher.prepare_batch = spy
     model.batcher.cost = CostModel(per_pixel=1e-12, fixed=1.0)
     try:
-        with held_engine(app) as (gate, running):
-            first = post_later(app, "/segment", content=image_bytes(16, 16), headers=PNG)
-            assert running.wait(30)
-            later = [post_later(app, "/segment", content=p, headers=PNG) for p in payloads]
-            gate.set()
-            responses = [f.result(60) for f in later]
-            first.result(60)
+        responses = behind_a_held_run(app, payloads)
     finally:
         model.batcher.prepare_batch, model.batcher.cost = real_batch, real_cost
     assert any(shape[0] >= 2 for shape in stacked[1:]), stacked
@@ -298,12 +309,21 @@ def test_parameter_and_routing_errors(app):
         assert r.json()["error"] == code and r.json()["detail"]
 
 
+def test_on_cpu_each_image_runs_alone_by_default(tiny_repository):
+    from segserve.service.settings import Settings
+
+    assert Settings().batch_size_for("cpu") == 1 and Settings().batch_size_for("cuda") == 8
+    assert Settings(max_batch_size=4).batch_size_for("cpu") == 4
+    with in_process(tiny_repository) as app:
+        assert app.service.model("tiny").batcher.limits.max_batch_size == 1
+
+
 def test_a_full_queue_and_an_overloaded_model_answer_503_at_once(tiny_repository):
     with in_process(tiny_repository, max_queue=2) as app:
-        with held_engine(app) as (gate, running):
+        with held_engine(app) as held:
             batcher = app.service.model("tiny").batcher
             first = post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)
-            assert running.wait(30)
+            assert held.running.wait(30)
             # A request predicted to miss its deadline is told so now, not at the deadline.
             real_cost, batcher.cost = batcher.cost, CostModel(per_pixel=1.0, fixed=0.0)
             late = app.post("/segment", content=image_bytes(32, 32), headers=PNG)
@@ -318,7 +338,7 @@ def test_a_full_queue_and_an_overloaded_model_answer_503_at_once(tiny_repository
             full = app.post("/segment", content=image_bytes(32, 32), headers=PNG)
             assert full.status_code == 503 and full.json()["error"] == "unavailable"
             assert int(full.headers["retry-after"]) >= 1 and "queue full" in full.json()["detail"]
-            gate.set()
+            held.gate.set()
             assert [f.result(60).status_code for f in [first, *queued]] == [200, 200, 200]
         reasons = rejected(app)
         assert reasons["queue_full"] == 1 and reasons["overloaded"] == 1
@@ -327,16 +347,19 @@ def test_a_full_queue_and_an_overloaded_model_answer_503_at_once(tiny_repository
 
 def test_a_request_whose_deadline_passes_while_queued_gets_504(tiny_repository):
     with in_process(tiny_repository, request_timeout_s=1.0) as app:
-        with held_engine(app) as (gate, running):
+        with held_engine(app) as held:
             first = post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)
-            assert running.wait(30)
+            assert held.running.wait(30)
             r = app.post("/segment", content=image_bytes(32, 32), headers=PNG)
             assert r.status_code == 504 and r.json()["error"] == "deadline_exceeded"
-            gate.set()
             # The held one passed its deadline too, while running: its answer is 504 as well.
             assert first.result(60).status_code == 504
+            held.gate.set()
+            batcher = app.service.model("tiny").batcher
+            while batcher.depth or not batcher._running.done():
+                app.run(asyncio.sleep(0.01))  # poll until the held run is over
         assert rejected(app)["deadline"] == 2
-        assert app.service.model("tiny").batcher.depth == 0  # the given-up job left the queue
+        assert len(held.runs) == 1  # the given-up job never reached the engine
 
 
 def test_failed_models_are_listed_and_readiness_says_why(tiny_repository, tmp_path):

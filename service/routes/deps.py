@@ -11,15 +11,22 @@ from segserve.service.core import InferenceService
 from segserve.service.errors import ServiceError
 from segserve.service.registry import ServedModel
 
+# Dependencies are `async def`: FastAPI runs a plain `def` one in a worker thread, a thread
+# hop per dependency per request (measured: 7 % of the server's CPU, docs/benchmarks.md).
 
-def get_service(request: Request) -> InferenceService:
+
+def service_of(request: Request) -> InferenceService:
     return request.app.state.service
+
+
+async def get_service(request: Request) -> InferenceService:
+    return service_of(request)
 
 
 Service = Annotated[InferenceService, Depends(get_service)]
 
 
-def authorize(request: Request, service: Service) -> None:
+async def authorize(request: Request, service: Service) -> None:
     """With an API key set: `Authorization: Bearer KEY` or 401."""
     key = service.settings.api_key
     if key is None:
@@ -37,14 +44,14 @@ def authorize(request: Request, service: Service) -> None:
 def use_model(request: Request, name: str | None, version: int | None) -> ServedModel:
     """Resolve the model and note it in request state: from here on, the response headers
     and the request metrics name it."""
-    model = get_service(request).model(name, version)
+    model = service_of(request).model(name, version)
     request.state.model, request.state.version = model.name, model.version
     return model
 
 
 def deadline_of(request: Request) -> float:
     """The request's deadline on time.monotonic(): its timeout counts from its arrival."""
-    return request.state.arrived + get_service(request).settings.request_timeout_s
+    return request.state.arrived + service_of(request).settings.request_timeout_s
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -48,6 +48,7 @@ async def segment(
         raise ServiceError(422, "masks come with format=json")
     data = await image_bytes(request, service.settings.max_body_bytes)
     timings: dict[str, float] = {}
+    request.state.timings = timings  # for the request log line
     image = await service.decode(data, served, timings)
     (labels,) = await service.segment(
         served, [image], deadline_of(request), timings, partial(wait_for_disconnect, request)

@@ -115,6 +115,7 @@ async def infer(
     req, images, timings = await asyncio.to_thread(
         _images, service, model, body, request.headers.get(HEADER_LENGTH)
     )
+    request.state.timings = timings
     labels = await service.segment(
         model, images, deadline_of(request), timings, partial(wait_for_disconnect, request)
     )
