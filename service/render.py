@@ -84,7 +84,7 @@ def render(
     t0 = time.perf_counter()
     if spec.format == "png":
         timings["postprocess"] = 0.0
-        body = encode_label_png(labels, card.palette)
+        body = encode_label_png(labels, card.palette_bytes)
         timings["encode"] = time.perf_counter() - t0
         return body, "image/png"
     if spec.format == "overlay":
@@ -103,7 +103,7 @@ def render(
             if spec.mask_encoding == "rle"
             else base64.b64encode(encode_mask_png(mask)).decode()
         )
-    label_png = base64.b64encode(encode_label_png(labels, card.palette)).decode()
+    label_png = base64.b64encode(encode_label_png(labels, card.palette_bytes)).decode()
     t1 = time.perf_counter()
     timings["postprocess"] = t1 - t0
     payload = {

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from typing import Any
+
+from segserve.contracts.palette import pil_palette
 
 INPUT_DTYPES = ("uint8", "float32", "float16")
 INPUT_LAYOUTS = ("NHWC", "NCHW")
@@ -98,6 +101,11 @@ class ModelCard:
     @property
     def takes_uint8(self) -> bool:
         return self.input_dtype == "uint8"
+
+    @cached_property
+    def palette_bytes(self) -> bytes:
+        """The 768-byte PNG palette of this card's classes, built once per card."""
+        return pil_palette(self.palette)
 
     @property
     def output_dtype(self) -> str:

@@ -26,9 +26,9 @@ async def get_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(get_service)]
 
 
-async def authorize(request: Request, service: Service) -> None:
+async def authorize(request: Request) -> None:
     """With an API key set: `Authorization: Bearer KEY` or 401."""
-    key = service.settings.api_key
+    key = service_of(request).settings.api_key
     if key is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
