@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
 
-.PHONY: setup tools run test lint bootstrap bench clean
+.PHONY: setup tools run test lint bootstrap bench-peers clean
 
 # torch and torchvision go through pip on their own, pinned: pip takes them from this
 # machine's disk; the rest of the project installs with its train and dev extras.
@@ -41,6 +41,11 @@ test: setup tools
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# segserve beside Triton and LitServe on the default model (docs/benchmarks.md); sets up each
+# peer in its own venv under .bench/ from the package index. About 40 minutes.
+bench-peers: bootstrap
+	$(PY) -m bench.peers --repository $(REPOSITORY) --model unet-shapes --out docs/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -200,7 +200,9 @@ def _bench(args: argparse.Namespace) -> int:
         if args.images
         else loadgen.synthetic_images(parse_shapes(args.sizes))
     )
-    target = loadgen.Target(args.url, args.protocol, args.model, args.format, args.api_key)
+    target = loadgen.Target(
+        args.url, args.protocol, args.model, args.format, args.api_key, args.multipart
+    )
     try:
         results = loadgen.bench(
             target, args.concurrency, args.duration, images, progress=not args.json,
@@ -346,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--format", choices=("png", "json"), default="png", help="segment: the answer format"
     )
+    bench.add_argument(
+        "--multipart", action="store_true",
+        help="segment: send the image as form field 'image' instead of the raw body",
+    )  # fmt: skip
     bench.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
     bench.add_argument(
         "--server-pid", type=int, default=None,

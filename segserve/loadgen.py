@@ -139,9 +139,24 @@ def server_breakdown(before: dict, after: dict) -> tuple[dict[str, float], float
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its live descendants (all their threads):
+    Triton's Python backend and LitServe's workers run in child processes."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        p = int(stat.parent.name)
+        parents[p] = int(fields[1])
+        times[p] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier and p not in tree]
+        tree.update(children)
+        frontier = children
+    return sum(times.get(p, 0.0) for p in tree)
 
 
 def synthetic_images(
@@ -208,6 +223,7 @@ class Target:
     model: str | None = None
     fmt: str = "png"
     api_key: str | None = None
+    multipart: bool = False  # segment: a form field `image` instead of the raw image body
 
     def requests(self, images: list[Payload]) -> list[tuple[str, bytes, dict, str]]:
         """(path, body, headers, size label) per image, built once before the run."""
@@ -223,9 +239,24 @@ class Target:
                 )
             else:
                 query = f"?format={self.fmt}" + (f"&model={self.model}" if self.model else "")
-                headers = {"Content-Type": im.content_type, **auth}
-                out.append((f"/segment{query}", im.data, headers, im.shape_label))
+                body, content_type = im.data, im.content_type
+                if self.multipart:
+                    body, content_type = multipart_body(im)
+                headers = {"Content-Type": content_type, **auth}
+                out.append((f"/segment{query}", body, headers, im.shape_label))
         return out
+
+
+def multipart_body(im: Payload, boundary: str = "segserve-bench-boundary") -> tuple[bytes, str]:
+    """The image as form field `image`, encoded once (not per request)."""
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\n'
+        f"Content-Type: {im.content_type}\r\n\r\n"
+    ).encode()
+    return (
+        head + im.data + f"\r\n--{boundary}--\r\n".encode(),
+        f"multipart/form-data; boundary={boundary}",
+    )
 
 
 async def run_level(

@@ -4,6 +4,7 @@ real socket shows (a real protocol client, signals, the process's own imports)."
 from __future__ import annotations
 
 import io
+import json
 import signal
 import subprocess
 import sys
@@ -118,3 +119,15 @@ def test_service_and_cli_import_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_bench_speaks_v2_binary_tensors_to_the_live_server(server, capsys):
+    from segserve.cli import main
+
+    args = ["bench", "--url", server.url, "--protocol", "v2", "--model", "tiny",
+            "--concurrency", "2", "--duration", "1", "--sizes", "48x64,40x40", "--json"]  # fmt: skip
+    assert main(args) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert run["ok"] > 0 and run["ok"] == run["requests"]
+    assert set(run["p50_ms_by_size"]) == {"48x64", "40x40"}
+    assert run["server_batches"] >= 1  # read from segserve's own /metrics
