@@ -175,6 +175,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from segserve.service import logs
     from segserve.service.app import create_app
+    from segserve.service.protocol import guarded_protocol
     from segserve.service.settings import Settings
 
     overrides = {"repository": args.repository} if args.repository is not None else {}
@@ -186,6 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         create_app(settings), host=args.host, port=args.port, log_config=None,
         access_log=False,  # segserve.request logs each request, with its id and timings
+        http=guarded_protocol(settings.max_header_bytes, settings.idle_timeout_s),
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
     )  # fmt: skip
     return 0

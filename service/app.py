@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from segserve.service.core import InferenceService
 from segserve.service.errors import install_error_handlers
 from segserve.service.middleware import RequestMiddleware
-from segserve.service.routes import health, models, segment, v2
+from segserve.service.routes import docs, health, models, segment, v2
 from segserve.service.settings import Settings
 
 
@@ -32,10 +32,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Semantic segmentation as a service.",
         lifespan=lifespan,
+        docs_url=None,  # routes/docs.py: offline assets, the spec behind the API key
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.service = service
     app.add_middleware(RequestMiddleware, metrics=service.metrics)
     install_error_handlers(app)
-    for module in (segment, models, health, v2):
+    for module in (segment, models, health, v2, docs):
         app.include_router(module.router)
     return app

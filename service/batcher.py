@@ -202,7 +202,7 @@ class Batcher:
                 if left <= 0:
                     break
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), left)
 
     async def _loop(self) -> None:

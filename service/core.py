@@ -8,16 +8,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from segserve.contracts.repository import VersionEntry, walk
 from segserve.service.batcher import Batcher, DeadlineExceeded, Rejected
+from segserve.service.budget import Lease, PixelBudget
 from segserve.service.engine import Engine, ProviderUnavailable
 from segserve.service.errors import ServiceError
-from segserve.service.imaging import ImageDecodeError, ImageTooLarge, decode_image
+from segserve.service.imaging import (
+    ImageDecodeError,
+    ImageTooLarge,
+    UnsupportedFormat,
+    decode_opened,
+    fit_size,
+    open_image,
+    resize_labels,
+    resize_rgb,
+)
+from segserve.service.memory import give_back_memory
 from segserve.service.metrics import ServiceMetrics
 from segserve.service.planning import CostModel, Limits
 from segserve.service.registry import FailedModel, ModelRegistry, ServedModel
@@ -31,12 +43,17 @@ Timings = dict[str, float]
 
 @dataclass(eq=False)
 class DecodedImage:
-    rgb: np.ndarray  # H x W x 3 uint8
+    rgb: np.ndarray  # H x W x 3 uint8, at inference size
     item: np.ndarray  # as the model takes it (engine.prepare)
+    size: tuple[int, int]  # (H, W) of the image itself: the labels come back at this size
 
     @property
-    def size(self) -> tuple[int, int]:
+    def inference_size(self) -> tuple[int, int]:
         return self.rgb.shape[0], self.rgb.shape[1]
+
+    @property
+    def scaled(self) -> bool:
+        return self.inference_size != self.size
 
 
 class InferenceService:
@@ -44,7 +61,8 @@ class InferenceService:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
         self.registry = ModelRegistry()
-        self.ready = False
+        self.budget = PixelBudget(settings.max_inflight_pixels)
+        self.serving = False  # between the end of start() and the beginning of stop()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -64,6 +82,7 @@ class InferenceService:
                 self.registry.failed.append(
                     FailedModel(entry.name, entry.version, f"{type(exc).__name__}: {exc}")
                 )
+                self.metrics.load_failures.labels(entry.name, str(entry.version)).set(1)
                 continue
             self.registry.add(model)
             model.batcher.start()
@@ -79,6 +98,7 @@ class InferenceService:
             self.registry.default_name = s.default_model
         elif s.default_model:
             log.error("default model %r is not loaded", s.default_model)
+            self.registry.default_name = s.default_model  # unready until it is
         else:
             self.registry.default_name = names[0] if names else None
         for model in self.registry.all():
@@ -86,12 +106,36 @@ class InferenceService:
             self.metrics.model_info.labels(
                 model.name, str(model.version), model.engine.provider, model.card.architecture
             ).set(1)
-        self.ready = not self.registry.failed and bool(self.registry.models)
-        log.info("ready: %s", self.ready)
+        self.serving = True
+        log.info("ready: %s", self.unready_reason() or "yes")
+
+    @property
+    def ready(self) -> bool:
+        return not self.unready_reason()
+
+    def unready_reason(self) -> str:
+        """Why the server cannot serve, or "" when it can: started, not stopping, and the
+        default model and every required model loaded and warm. Other models that failed do
+        not count (they are in /models and segserve_model_load_failures). No file paths in
+        the reason: /readyz is public."""
+        if not self.serving:
+            return "starting or shutting down"
+        needed = [self.registry.default_name, *self.settings.required]
+        if needed[0] is None:
+            return (
+                "no model is loaded" if not self.registry.failed else "no model loaded successfully"
+            )
+        missing = [n for n in needed if n not in self.registry.models]
+        if missing:
+            return f"required models not loaded: {', '.join(sorted(set(missing)))}"
+        cold = [n for n in needed if not self.registry.get(n).warmed]
+        if cold:
+            return f"models warming up: {', '.join(sorted(set(cold)))}"
+        return ""
 
     async def stop(self) -> None:
         """Refuse new work and finish what is queued (after the server stopped accepting)."""
-        self.ready = False
+        self.serving = False
         await asyncio.gather(*(m.batcher.stop() for m in self.registry.all()))
 
     def _load(self, entry: VersionEntry) -> ServedModel:
@@ -132,29 +176,118 @@ class InferenceService:
     def model(self, name: str | None, version: int | None = None) -> ServedModel:
         return self.registry.get(name, version)
 
-    def decode_sync(self, data: bytes, model: ServedModel, timings: Timings) -> DecodedImage:
-        """Encoded bytes to the model's input, in the caller's thread (one worker hop)."""
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[Lease]:
+        """A request's share of the in-flight pixel budget, given back when it ends."""
+        lease = Lease(self.budget)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    def _check_request(self, pixels: int, count: int) -> None:
+        s = self.settings
+        if count > s.max_images_per_request:
+            raise ServiceError(
+                413,
+                f"{count} images in one request; the limit is {s.max_images_per_request}",
+                reason="too_many_images",
+            )
+        if pixels > s.max_request_pixels:
+            raise ServiceError(
+                413,
+                f"the request's images have {pixels} pixels together; the limit is "
+                f"{s.max_request_pixels}",
+                reason="too_many_pixels",
+            )
+
+    async def _take(self, lease: Lease, pixels: int, deadline: float) -> None:
+        if not await lease.take(pixels, deadline - time.monotonic()):
+            raise ServiceError(
+                503,
+                "busy with other large images: no room for this one's pixels before its deadline",
+                reason="pixel_budget",
+                headers={"Retry-After": "1"},
+            )
+
+    def _decode_sync(
+        self, blobs: list[bytes], model: ServedModel, timings: Timings, lease: Lease
+    ) -> list[DecodedImage] | int:
+        """Encoded images to the model's input, in one worker thread. Headers first: the
+        request's pixels must fit its limits and the budget before any pixel is decoded;
+        when the budget has no room now, the pixels needed are returned instead (the caller
+        waits on the event loop, not in this thread, and calls again)."""
+        s = self.settings
         t0 = time.perf_counter()
         try:
-            rgb = decode_image(data, self.settings.max_image_pixels)
+            opened = [open_image(b, s.max_image_pixels, s.formats) for b in blobs]
+            pixels = sum(probe.pixels for _, probe in opened)
+            self._check_request(pixels, len(blobs))
+            if lease.held < pixels and not lease.try_take(pixels - lease.held):
+                return pixels - lease.held
+            decoded = [
+                (decode_opened(im, probe, s.max_inference_pixels, s.formats), probe)
+                for im, probe in opened
+            ]
         except ImageTooLarge as exc:
             raise ServiceError(413, str(exc), reason="too_many_pixels") from exc
+        except UnsupportedFormat as exc:
+            raise ServiceError(415, str(exc), reason="media_type") from exc
         except ImageDecodeError as exc:
             raise ServiceError(400, str(exc), reason="bad_image") from exc
-        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t0
+        timings["decode"] = time.perf_counter() - t0
         self.metrics.stage_duration.labels(model.name, "decode").observe(timings["decode"])
-        return self.accept_pixels(rgb, model, timings)
+        return [
+            self._prepare(rgb, (probe.height, probe.width), model, timings)
+            for rgb, probe in decoded
+        ]
 
-    def accept_pixels(self, rgb: np.ndarray, model: ServedModel, timings: Timings) -> DecodedImage:
-        """Decoded RGB pixels (H x W x 3 uint8) to the model's input."""
+    def _prepare(
+        self, rgb: np.ndarray, size: tuple[int, int], model: ServedModel, timings: Timings
+    ) -> DecodedImage:
         t0 = time.perf_counter()
         item = model.engine.prepare(rgb)
         timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t0
-        self.metrics.image_pixels.observe(rgb.shape[0] * rgb.shape[1])
-        return DecodedImage(rgb, item)
+        self.metrics.image_pixels.observe(size[0] * size[1])
+        return DecodedImage(rgb, item, size)
 
-    async def decode(self, data: bytes, model: ServedModel, timings: Timings) -> DecodedImage:
-        return await asyncio.to_thread(self.decode_sync, data, model, timings)
+    async def decode(
+        self,
+        blobs: list[bytes],
+        model: ServedModel,
+        timings: Timings,
+        lease: Lease,
+        deadline: float,
+    ) -> list[DecodedImage]:
+        """Encoded images (one request's) to the model's input: one worker hop, two when the
+        request had to wait for pixel budget."""
+        result = await asyncio.to_thread(self._decode_sync, blobs, model, timings, lease)
+        if isinstance(result, int):
+            await self._take(lease, result, deadline)
+            result = await asyncio.to_thread(self._decode_sync, blobs, model, timings, lease)
+        return result
+
+    async def from_pixels(
+        self,
+        arrays: np.ndarray,
+        model: ServedModel,
+        timings: Timings,
+        lease: Lease,
+        deadline: float,
+    ) -> list[DecodedImage]:
+        """Raw RGB pixels (N x H x W x 3 uint8, one request's) to the model's input."""
+        n, h, w = arrays.shape[:3]
+        self._check_request(n * h * w, n)
+        await self._take(lease, n * h * w, deadline)
+        fit = fit_size(w, h, self.settings.max_inference_pixels)
+
+        def prepare() -> list[DecodedImage]:
+            return [
+                self._prepare(resize_rgb(im, fit[1], fit[0]), (h, w), model, timings)
+                for im in arrays
+            ]
+
+        return await asyncio.to_thread(prepare)
 
     async def segment(
         self,
@@ -172,7 +305,7 @@ class InferenceService:
                 503, "the server is not ready", reason="not_ready", headers={"Retry-After": "1"}
             )
         try:
-            jobs = model.batcher.submit([(im.item, im.size) for im in images], deadline)
+            jobs = model.batcher.submit([(im.item, im.inference_size) for im in images], deadline)
         except Rejected as exc:
             raise ServiceError(
                 503, str(exc), reason=exc.reason, headers={"Retry-After": str(exc.retry_after)}
@@ -205,7 +338,10 @@ class InferenceService:
             exc = everything.exception()
             if isinstance(exc, DeadlineExceeded):
                 raise self._deadline_error() from exc
-            raise exc
+            log.error("%s v%s failed on an input: %s", model.name, model.version, exc)
+            raise ServiceError(
+                500, f"the model failed on this input: {type(exc).__name__}: {exc}"
+            ) from exc
         first = jobs[0].timings
         timings["preprocess"] = timings.get("preprocess", 0.0) + first.get("batch", 0.0)
         timings.update(queue=first.get("queue", 0.0), inference=first.get("inference", 0.0))
@@ -220,6 +356,24 @@ class InferenceService:
             reason="deadline",
         )
 
+    def _render_sync(
+        self, model: ServedModel, image: DecodedImage, labels: np.ndarray, spec: RenderSpec,
+        timings: Timings, started: float,
+    ) -> tuple[bytes, str]:  # fmt: skip
+        t0 = time.perf_counter()
+        h, w = image.size
+        labels = resize_labels(labels, h, w)
+        rgb = resize_rgb(image.rgb, h, w) if spec.format == "overlay" else image.rgb
+        header: dict = {"model": model.name, "version": model.version}
+        if image.scaled:
+            header["inference_size"] = [image.inference_size[1], image.inference_size[0]]
+        scale_s = time.perf_counter() - t0
+        out = render(rgb, labels, model.card, spec, header, timings, started)
+        timings["postprocess"] += scale_s
+        del labels, rgb
+        give_back_memory(h * w)  # the decode and render buffers of a large image
+        return out
+
     async def render(
         self,
         model: ServedModel,
@@ -229,9 +383,9 @@ class InferenceService:
         timings: Timings,
         started: float,
     ) -> tuple[bytes, str]:
-        header = {"model": model.name, "version": model.version}
+        """The answer in the asked format, at the image's own size, in one worker hop."""
         out = await asyncio.to_thread(
-            render, image.rgb, labels, model.card, spec, header, timings, started
+            self._render_sync, model, image, labels, spec, timings, started
         )
         for stage in ("postprocess", "encode"):
             self.metrics.stage_duration.labels(model.name, stage).observe(timings[stage])

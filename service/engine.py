@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from segserve.contracts.card import ModelCard
+from segserve.service.memory import give_back_memory
 
 log = logging.getLogger("segserve.engine")
 
@@ -193,10 +194,14 @@ class Engine:
             out = out.argmax(axis=1)
         labels = out.astype(np.uint8, copy=False)
         if len(sizes) == 1 and labels.shape[1:] == sizes[0]:
-            return [labels[0]]
-        return [
-            np.ascontiguousarray(lab[:h, :w]) for lab, (h, w) in zip(labels, sizes, strict=True)
-        ]
+            result = [labels[0]]
+        else:
+            result = [
+                np.ascontiguousarray(lab[:h, :w]) for lab, (h, w) in zip(labels, sizes, strict=True)
+            ]
+        # The network's activations (hundreds of MB per megapixel) are freed by now.
+        give_back_memory(labels.size)
+        return result
 
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Labels (H x W uint8) for RGB images in one `session.run`, without a batcher."""

@@ -102,6 +102,12 @@ class ServiceMetrics:
         self.rejected = Counter(
             "segserve_rejected_total", "Requests refused before inference", ["reason"], registry=r
         )
+        self.load_failures = Gauge(
+            "segserve_model_load_failures",
+            "Model versions in the repository that failed to load (1 each)",
+            ["model", "version"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "segserve_model_info",
             "Loaded models",

@@ -1,4 +1,10 @@
-"""All service settings in one place; each can be set as SEGSERVE_<NAME> in the environment."""
+"""All service settings in one place; each can be set as SEGSERVE_<NAME> in the environment.
+
+The memory a request may cost is bounded by settings, not by luck: a per-image pixel limit
+(read from the header, before decoding), a per-request limit, a budget of pixels being worked
+on at once across requests, an inference size above which images run scaled down, and pixel
+budgets for what queues and batches hold. docs/benchmarks.md has the soak that checks them.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from segserve.service.imaging import DEFAULT_FORMATS
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -21,30 +29,23 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
 DEFAULT_BATCH_SIZES = {"cpu": 1, "cuda": 8, "tensorrt": 8}
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEGSERVE_", protected_namespaces=())
 
+    # -- models ---------------------------------------------------------------------------
     repository: Path = Path("model_repository")
     default_model: str | None = None
+    # Ready means the default model and these (comma-separated) are loaded and warm; other
+    # models that fail to load are listed in /models and a metric, and do not block.
+    required_models: str = ""
     providers: str = "auto"
-    # None: by provider (DEFAULT_BATCH_SIZES). On CPU a batch computes no faster than its
-    # images one by one (docs/benchmarks.md), so each image runs alone and waits for no other.
-    max_batch_size: int | None = Field(None, ge=1, le=256)
-    # An idle engine runs a request at once; a window > 0 makes an idle engine wait this
-    # long for companions (while it is busy, the next batch gathers anyway).
-    max_queue_delay_ms: float = Field(0.0, ge=0)
-    max_queue: int = Field(64, ge=1)
-    # Pixel budgets (at inference size): no batch computes more, no queue holds more.
-    max_batch_pixels: int = Field(16_000_000, ge=1)
-    max_queued_pixels: int = Field(64_000_000, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0)
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    api_key: str | None = None
-    log_format: Literal["text", "json"] = "text"
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     warmup_shapes: str = "512x512,375x500"
     # onnxruntime's CPU arena keeps its largest allocation for good; with request-sized
@@ -56,11 +57,71 @@ class Settings(BaseSettings):
     # #19838): HEURISTIC keeps dynamic shapes cheap.
     cudnn_conv_algo_search: str = "HEURISTIC"
 
+    # -- batching ---------------------------------------------------------------------------
+    # None: by provider (DEFAULT_BATCH_SIZES). On CPU a batch computes no faster than its
+    # images one by one (docs/benchmarks.md), so each image runs alone and waits for no other.
+    max_batch_size: int | None = Field(None, ge=1, le=256)
+    # An idle engine runs a request at once; a window > 0 makes an idle engine wait this
+    # long for companions (while it is busy, the next batch gathers anyway).
+    max_queue_delay_ms: float = Field(0.0, ge=0)
+    max_queue: int = Field(64, ge=1)
+    # At inference size: no batch computes more pixels, no model's queue holds more.
+    max_batch_pixels: int = Field(16_000_000, ge=1)
+    max_queued_pixels: int = Field(32_000_000, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    # -- what a request may be -------------------------------------------------------------
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # request line + headers: 431 beyond
+    # Seconds a client may stay silent while sending its request (headers or body): 408 or a
+    # closed connection after; slow senders hold nothing longer.
+    idle_timeout_s: float = Field(10.0, gt=0)
+    image_formats: str = ",".join(DEFAULT_FORMATS)  # what decodes; others: 415
+    max_image_pixels: int = Field(40_000_000, ge=1)  # per image, from its header: 413 beyond
+    max_request_pixels: int = Field(40_000_000, ge=1)  # all images of one request together
+    max_images_per_request: int = Field(16, ge=1)  # v2 infer
+    # Images above this run scaled down to it; their labels are scaled back (nearest) to the
+    # image's own size. A network's activations cost hundreds of MB per megapixel (measured,
+    # width-16 U-Net on CPU: about 390 MB/MP): 1 MP keeps a CPU server under 1 GiB with any
+    # traffic (docs/benchmarks.md). Raise it where memory allows (the GPU compose profile: 4 MP).
+    max_inference_pixels: int = Field(1_000_000, ge=1)
+    # Pixels decoded, inferred and rendered at once across requests (about 8 bytes each at
+    # the peak of a decode): a request waits for its share, or 503 at its deadline.
+    max_inflight_pixels: int = Field(40_000_000, ge=1)
+
+    # -- who may call what -----------------------------------------------------------------
+    # With an API key: /segment, /models, /v2 (but /v2/health) and, unless public, /docs and
+    # /metrics need `Authorization: Bearer KEY`. /metrics also takes `metrics_token`, so that
+    # Prometheus need not hold the key that runs inference.
+    api_key: str | None = None
+    metrics_token: str | None = None
+    public_metrics: bool = False
+    public_docs: bool = False
+
+    log_format: Literal["text", "json"] = "text"
+
     @field_validator("warmup_shapes")
     @classmethod
     def _valid_shapes(cls, value: str) -> str:
         parse_shapes(value)
         return value
+
+    @field_validator("image_formats")
+    @classmethod
+    def _valid_formats(cls, value: str) -> str:
+        from PIL import Image
+
+        Image.init()
+        unknown = [f for f in parse_list(value.upper()) if f not in Image.OPEN]
+        if unknown or not parse_list(value):
+            raise ValueError(f"image_formats: Pillow reads no format named {unknown}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _budgets_fit(self) -> Settings:
+        if self.max_inflight_pixels < self.max_image_pixels:
+            raise ValueError("max_inflight_pixels must be at least max_image_pixels")
+        return self
 
     def batch_size_for(self, provider: str) -> int:
         return self.max_batch_size or DEFAULT_BATCH_SIZES.get(provider, 1)
@@ -68,3 +129,11 @@ class Settings(BaseSettings):
     @property
     def warmup(self) -> list[tuple[int, int]]:
         return parse_shapes(self.warmup_shapes)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return parse_list(self.image_formats)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return parse_list(self.required_models)

@@ -1,5 +1,6 @@
-"""The Open Inference Protocol (KServe v2, as Triton speaks it): the request format, as pure
-functions. The routes (routes/v2.py) run it through the same decode and batcher as /segment.
+"""The Open Inference Protocol (KServe v2, as Triton speaks it): the request format, parsed
+strictly with pydantic, as pure functions. The routes (routes/v2.py) run it through the same
+decode, budgets and batcher as /segment.
 
 Input `image`: UINT8 [N, H, W, 3] RGB pixels, or BYTES [N] encoded images (JPEG, PNG, ...)
 of one size. Output `labels`: UINT8 [N, H, W]. JSON tensors and the binary tensor data
@@ -10,14 +11,48 @@ unchanged against segserve.
 from __future__ import annotations
 
 import base64
-import json
 import struct
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from segserve.service.errors import ServiceError
 
 HEADER_LENGTH = "inference-header-content-length"
+Dim = Annotated[int, Field(ge=0, le=2**31)]
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send parameters of their own
+
+    binary_data_size: Annotated[int, Field(ge=0)] | None = None
+    binary_data: bool | None = None
+    binary_data_output: bool | None = None
+
+
+class InferInput(BaseModel):
+    name: Annotated[str, Field(max_length=256)]
+    shape: Annotated[list[Dim], Field(max_length=8)]
+    datatype: Annotated[str, Field(max_length=16)]
+    parameters: Parameters | None = None
+    data: list[Any] | None = None
+
+
+class InferOutput(BaseModel):
+    name: Annotated[str, Field(max_length=256)]
+    parameters: Parameters | None = None
+
+
+class InferRequest(BaseModel):
+    id: Annotated[str, Field(max_length=256)] | None = None
+    parameters: Parameters | None = None
+    inputs: Annotated[list[InferInput], Field(min_length=1, max_length=8)]
+    outputs: Annotated[list[InferOutput], Field(max_length=8)] | None = None
+
+
+def bad(detail: str) -> ServiceError:
+    return ServiceError(400, detail, reason="bad_request")
 
 
 def model_metadata(name: str, versions: list[int]) -> dict:
@@ -30,24 +65,31 @@ def model_metadata(name: str, versions: list[int]) -> dict:
     }
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    """The JSON request object and the binary tensor data after it."""
+def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+    """The validated request and the binary tensor data after its JSON."""
     if header_length is None:
         json_part, binary = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise ServiceError(
-                400, "Inference-Header-Content-Length does not fit the body", reason="bad_request"
-            )
+        if (
+            not header_length.isascii()
+            or not header_length.isdigit()
+            or int(header_length) > len(body)
+        ):
+            raise bad("Inference-Header-Content-Length does not fit the body")
         json_part, binary = body[: int(header_length)], body[int(header_length) :]
     try:
-        request = json.loads(json_part)
-    except ValueError as exc:
-        raise ServiceError(
-            400, f"inference request is not JSON: {exc}", reason="bad_request"
-        ) from exc
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise ServiceError(400, "inference request needs an 'inputs' list", reason="bad_request")
+        request = InferRequest.model_validate_json(json_part)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "request"
+        raise bad(f"invalid inference request: {where}: {first.get('msg', '')}") from None
+    for out in request.outputs or []:
+        if out.name != "labels":
+            raise bad(f"unknown output {out.name!r}: the model's output is 'labels'")
+    declared = [i.parameters.binary_data_size for i in request.inputs if i.parameters]
+    expected = sum(d for d in declared if d is not None)
+    if expected != len(binary):
+        raise bad(f"binary data is {len(binary)} bytes; the inputs declare {expected}")
     return request, binary
 
 
@@ -56,98 +98,94 @@ def _bytes_elements(raw: bytes) -> list[bytes]:
     items, pos = [], 0
     while pos < len(raw):
         if pos + 4 > len(raw):
-            raise ServiceError(400, "truncated BYTES tensor", reason="bad_request")
+            raise bad("truncated BYTES tensor")
         (n,) = struct.unpack_from("<I", raw, pos)
         pos += 4
         if pos + n > len(raw):
-            raise ServiceError(400, "truncated BYTES tensor", reason="bad_request")
+            raise bad("truncated BYTES tensor")
         items.append(raw[pos : pos + n])
         pos += n
     return items
 
 
-def image_input(request: dict, binary: bytes, max_pixels: int) -> np.ndarray | list[bytes]:
+def image_input(
+    request: InferRequest, binary: bytes, max_pixels: int, max_images: int
+) -> np.ndarray | list[bytes]:
     """The `image` input: a UINT8 [N, H, W, 3] array, or the N encoded images of a BYTES input."""
-    inputs = {i.get("name"): i for i in request["inputs"] if isinstance(i, dict)}
-    if "image" not in inputs:
-        raise ServiceError(400, "the request has no input named 'image'", reason="bad_request")
-    offset = 0
-    raw: bytes | None = None
-    for spec in request["inputs"]:  # binary tensors follow the JSON in the inputs' order
-        size = (spec.get("parameters") or {}).get("binary_data_size")
-        if size is None:
-            continue
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-            raise ServiceError(
-                400, "binary_data_size does not fit the binary data sent", reason="bad_request"
-            )
-        if spec.get("name") == "image":
-            raw = binary[offset : offset + size]
-        offset += size
-    spec = inputs["image"]
-    shape, datatype = spec.get("shape"), spec.get("datatype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    offset, raw, spec = 0, None, None
+    for inp in request.inputs:  # binary tensors follow the JSON in the inputs' order
+        size = inp.parameters.binary_data_size if inp.parameters else None
+        if inp.name == "image":
+            spec = inp
+            raw = binary[offset : offset + size] if size is not None else None
+        offset += size or 0
+    if spec is None:
+        raise bad("the request has no input named 'image'")
+    if spec.shape and spec.shape[0] > max_images:
         raise ServiceError(
-            400, "input 'image' needs a shape of non-negative integers", reason="bad_request"
-        )
-    if datatype == "UINT8":
-        if len(shape) != 4 or shape[3] != 3:
-            raise ServiceError(
-                400,
-                f"UINT8 input 'image' must be [N, H, W, 3] RGB, not {shape}",
-                reason="bad_request",
-            )
-        n, h, w = shape[:3]
-        if n < 1 or h < 1 or w < 1:
-            raise ServiceError(400, "input 'image' is empty", reason="bad_request")
-        if h * w > max_pixels:
-            raise ServiceError(
-                413,
-                f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}",
-                reason="too_many_pixels",
-            )
-        if raw is not None:
-            if len(raw) != n * h * w * 3:
-                raise ServiceError(
-                    400,
-                    f"binary data is {len(raw)} bytes; shape {shape} needs {n * h * w * 3}",
-                    reason="bad_request",
-                )
-            return np.frombuffer(raw, dtype=np.uint8).reshape(n, h, w, 3)
-        try:
-            return np.asarray(spec.get("data"), dtype=np.uint8).reshape(n, h, w, 3)
-        except (ValueError, TypeError) as exc:
-            raise ServiceError(
-                400, f"input 'image' data does not fit shape {shape}: {exc}", reason="bad_request"
-            ) from exc
-    if datatype == "BYTES":
-        if raw is not None:
-            blobs = _bytes_elements(raw)
-        else:
-            data = spec.get("data")
-            if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
-                raise ServiceError(
-                    400,
-                    "BYTES input 'image' in JSON must be a list of base64 strings",
-                    reason="bad_request",
-                )
-            try:
-                blobs = [base64.b64decode(d, validate=True) for d in data]
-            except ValueError as exc:
-                raise ServiceError(
-                    400, f"BYTES input 'image' is not base64: {exc}", reason="bad_request"
-                ) from exc
+            413, f"{spec.shape[0]} images in one request; the limit is {max_images}",
+            reason="too_many_images",
+        )  # fmt: skip
+    if raw is None and spec.data is None:
+        raise bad("input 'image' has neither data nor binary_data_size")
+    if spec.datatype == "UINT8":
+        return _pixels(spec, raw, max_pixels)
+    if spec.datatype == "BYTES":
+        blobs = _bytes_elements(raw) if raw is not None else _base64_list(spec.data)
         if not blobs:
-            raise ServiceError(400, "input 'image' is empty", reason="bad_request")
+            raise bad("input 'image' is empty")
+        if spec.shape != [len(blobs)]:
+            raise bad(
+                f"BYTES input 'image' holds {len(blobs)} elements; its shape says {spec.shape}"
+            )
+        if len(blobs) > max_images:
+            raise ServiceError(
+                413, f"{len(blobs)} images in one request; the limit is {max_images}",
+                reason="too_many_images",
+            )  # fmt: skip
         return blobs
-    raise ServiceError(
-        400, f"input 'image' must be UINT8 or BYTES, not {datatype}", reason="bad_request"
-    )
+    raise bad(f"input 'image' must be UINT8 or BYTES, not {spec.datatype}")
 
 
-def wants_binary(request: dict) -> bool:
-    default = bool((request.get("parameters") or {}).get("binary_data_output", False))
-    for out in request.get("outputs") or []:
-        if isinstance(out, dict) and out.get("name") == "labels":
-            return bool((out.get("parameters") or {}).get("binary_data", default))
+def _pixels(spec: InferInput, raw: bytes | None, max_pixels: int) -> np.ndarray:
+    shape = spec.shape
+    if len(shape) != 4 or shape[3] != 3:
+        raise bad(f"UINT8 input 'image' must be [N, H, W, 3] RGB, not {shape}")
+    n, h, w = shape[:3]
+    if n < 1 or h < 1 or w < 1:
+        raise bad("input 'image' is empty")
+    if h * w > max_pixels:
+        raise ServiceError(
+            413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}",
+            reason="too_many_pixels",
+        )  # fmt: skip
+    if raw is not None:
+        if len(raw) != n * h * w * 3:
+            raise bad(f"binary data is {len(raw)} bytes; shape {shape} needs {n * h * w * 3}")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(n, h, w, 3)
+    try:
+        values = np.asarray(spec.data)
+    except (ValueError, TypeError) as exc:
+        raise bad(f"input 'image' data is not a regular array: {exc}") from None
+    if values.dtype.kind not in "iu" or values.size != n * h * w * 3:
+        raise bad(f"UINT8 input 'image' needs {n * h * w * 3} integers for shape {shape}")
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise bad("UINT8 input 'image' holds values outside 0..255")
+    return values.astype(np.uint8).reshape(n, h, w, 3)
+
+
+def _base64_list(data: list[Any] | None) -> list[bytes]:
+    if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+        raise bad("BYTES input 'image' in JSON must be a list of base64 strings")
+    try:
+        return [base64.b64decode(d, validate=True) for d in data]
+    except ValueError as exc:
+        raise bad(f"BYTES input 'image' is not base64: {exc}") from None
+
+
+def wants_binary(request: InferRequest) -> bool:
+    default = bool(request.parameters and request.parameters.binary_data_output)
+    for out in request.outputs or []:
+        if out.parameters and out.parameters.binary_data is not None:
+            return out.parameters.binary_data
     return default

@@ -154,3 +154,9 @@ def image_bytes(h: int, w: int, fmt: str = "PNG", seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def v2_json(base64_images: list[str]) -> dict:
+    """A v2 infer request in JSON with a BYTES input of encoded images."""
+    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(base64_images)],
+                        "data": base64_images}]}  # fmt: skip

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -131,3 +133,132 @@ def test_bench_speaks_v2_binary_tensors_to_the_live_server(server, capsys):
     assert run["ok"] > 0 and run["ok"] == run["requests"]
     assert set(run["p50_ms_by_size"]) == {"48x64", "40x40"}
     assert run["server_batches"] >= 1  # read from segserve's own /metrics
+
+
+def raw_exchange(sock: socket.socket, request: bytes, timeout: float = 10) -> tuple[int, bytes]:
+    """Send one request on an open connection; (status, body) of the answer."""
+    sock.settimeout(timeout)
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+        0,
+    )  # fmt: skip
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split(b" ")[1]), body
+
+
+def post(path: str, body: bytes, content_type: str = "image/png") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_repository, tmp_path_factory):
+    """A server with short idle limits, and a model that fails on images of odd width."""
+    repo = tmp_path_factory.mktemp("guarded")
+    shutil.copytree(tiny_repository, repo, dirs_exist_ok=True)
+    odd_width_fails(repo / "fails" / "1")
+    with run_server(
+        repo, tmp_path_factory.mktemp("logs"), idle_timeout_s=1, default_model="tiny"
+    ) as s:
+        yield s
+
+
+def odd_width_fails(folder):
+    """labels = red channel // 64, through a Reshape that only fits even widths: a real
+    onnxruntime error for odd ones."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    from segserve.contracts.card import ModelCard
+
+    folder.mkdir(parents=True)
+    nodes = [
+        helper.make_node("Split", ["image"], ["r", "g", "b"], axis=3, num_outputs=3),
+        helper.make_node("Squeeze", ["r", "axis"], ["red"]),
+        helper.make_node("Shape", ["red"], ["shape"]),
+        helper.make_node("Reshape", ["red", "pairs"], ["paired"]),
+        helper.make_node("Reshape", ["paired", "shape"], ["back"]),
+        helper.make_node("BitShift", ["back", "six"], ["labels"], direction="RIGHT"),
+    ]
+    inits = [helper.make_tensor("axis", T.INT64, [1], [3]), helper.make_tensor("six", T.UINT8, [], [6]),
+             helper.make_tensor("pairs", T.INT64, [4], [0, 0, -1, 2])]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "fails", [helper.make_tensor_value_info("image", T.UINT8, ["N", "H", "W", 3])],
+        [helper.make_tensor_value_info("labels", T.UINT8, ["N", "H", "W"])], initializer=inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    card = ModelCard(name="fails", architecture="test", num_classes=4, class_names=list("abcd"),
+                     palette=[[0, 0, 0]] * 4, mean=[0.5] * 3, std=[0.5] * 3, output="labels",
+                     size_divisor=2, input_dtype="uint8", input_layout="NHWC")  # fmt: skip
+    for k, v in card.to_metadata().items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(folder / "model.onnx"))
+
+
+def test_one_keep_alive_connection_serves_on_after_4xx_and_5xx(guarded):
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        assert raw_exchange(sock, post("/segment", b"garbage"))[0] == 400
+        assert raw_exchange(sock, post("/segment?format=gif", image_bytes(8, 8)))[0] == 422
+        status, body = raw_exchange(sock, post("/segment?model=fails", image_bytes(8, 7)))
+        assert status == 500 and json.loads(body)["error"] == "internal_error"
+        assert b"failed on this input" in body
+        assert raw_exchange(sock, post("/segment?model=fails", image_bytes(8, 8)))[0] == 200
+        assert raw_exchange(sock, post("/segment", image_bytes(16, 16)))[0] == 200
+
+
+def test_a_huge_header_gets_431_and_the_server_goes_on(guarded):
+    r = httpx.get(guarded.url + "/healthz", headers={"X-Padding": "a" * 100_000})
+    assert r.status_code == 431 and r.json()["error"] == "headers_too_large"
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+
+
+def test_slow_senders_are_cut_off(guarded):
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:  # a body that never comes
+        head = b"POST /segment HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+        status, body = raw_exchange(sock, head + b"Content-Length: 1000\r\n\r\n0123456789")
+        assert status == 408 and json.loads(body)["error"] == "request_timeout"
+    with socket.create_connection((host, int(port))) as sock:  # headers that never end
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        status, body = raw_exchange(sock, b"", timeout=10)
+        assert status == 408
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+
+
+def test_liveness_answers_quickly_while_the_model_is_busy(guarded):
+    payload = image_bytes(768, 768)
+    stop = time.monotonic() + 4
+    latencies = []
+
+    def load():
+        with httpx.Client(base_url=guarded.url, timeout=60) as c:
+            while time.monotonic() < stop:
+                c.post("/segment", content=payload, headers={"Content-Type": "image/png"})
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    with httpx.Client(base_url=guarded.url, timeout=10) as c:
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            assert c.get("/healthz").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+    for t in threads:
+        t.join(60)
+    # The target is 50 ms; the margin is for a 2-core machine that also runs this load.
+    assert len(latencies) > 20 and max(latencies) < 0.5, max(latencies)

@@ -63,8 +63,8 @@ def metric_samples(text: str) -> dict:
     return samples
 
 
-def rejected(app) -> dict[str, float]:
-    samples = metric_samples(app.get("/metrics").text).get("segserve_rejected_total", [])
+def rejected(app, **kw) -> dict[str, float]:
+    samples = metric_samples(app.get("/metrics", **kw).text).get("segserve_rejected_total", [])
     return {s.labels["reason"]: s.value for s in samples}
 
 
@@ -362,7 +362,9 @@ def test_a_request_whose_deadline_passes_while_queued_gets_504(tiny_repository):
         assert len(held.runs) == 1  # the given-up job never reached the engine
 
 
-def test_failed_models_are_listed_and_readiness_says_why(tiny_repository, tmp_path):
+def test_a_failed_extra_model_is_listed_but_readiness_needs_only_the_required_ones(
+    tiny_repository, tmp_path
+):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repository, repo)
     (repo / "broken" / "1").mkdir(parents=True)
@@ -371,10 +373,20 @@ def test_failed_models_are_listed_and_readiness_says_why(tiny_repository, tmp_pa
         listing = app.get("/models").json()
         assert listing["failed"][0]["name"] == "broken"
         assert "tiny" in [m["name"] for m in listing["models"]]
-        ready = app.get("/readyz")
-        assert ready.status_code == 503 and "broken" in ready.json()["detail"]
+        assert app.get("/readyz").status_code == 200  # the default model serves
+        failures = metric_samples(app.get("/metrics").text)["segserve_model_load_failures"]
+        assert [(s.labels["model"], s.value) for s in failures] == [("broken", 1.0)]
         assert app.get("/models/broken").status_code == 404
         assert app.post("/segment", content=image_bytes(16, 16), headers=PNG).status_code == 200
+    with in_process(repo, default_model="tiny", required_models="tiny,broken") as app:
+        ready = app.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["detail"] == (
+            "required models not loaded: broken"
+        )
+        assert str(tmp_path) not in ready.text  # no file paths for anyone who asks
+        assert app.get("/v2/health/ready").status_code == 503
+    with in_process(repo, default_model="broken") as app:
+        assert app.get("/readyz").status_code == 503
 
 
 def test_bodies_over_the_limit_get_413_before_they_are_read_whole(tiny_repository):
@@ -394,18 +406,28 @@ def test_bodies_over_the_limit_get_413_before_they_are_read_whole(tiny_repositor
         assert rejected(app)["body_too_large"] == 2
 
 
-def test_api_key_guards_inference_and_models_but_not_health(tiny_repository):
-    with in_process(tiny_repository, api_key="s3cret") as app:
+def test_api_key_guards_inference_models_spec_and_metrics_but_not_probes(tiny_repository):
+    with in_process(tiny_repository, api_key="s3cret", metrics_token="scrape") as app:
         data = image_bytes(16, 16)
         for r in (app.post("/segment", content=data, headers=PNG), app.get("/models"), app.get("/v2/models/tiny"),
-                  app.get("/v2"), app.post("/segment", content=data, headers={**PNG, "Authorization": "Bearer wrong"})):  # fmt: skip
-            assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+                  app.get("/v2"), app.get("/openapi.json"), app.get("/metrics"),
+                  app.post("/segment", content=data, headers={**PNG, "Authorization": "Bearer wrong"}),
+                  app.get("/models", headers={"Authorization": "Bearer scrape"})):  # fmt: skip
+            assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.request.url
             assert r.headers["www-authenticate"] == "Bearer"
-        ok = app.post("/segment", content=data, headers={**PNG, "Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200
-        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
-            assert app.get(path).status_code == 200, path
-        assert rejected(app)["unauthorized"] == 5
+        key = {"Authorization": "Bearer s3cret"}
+        assert app.post("/segment", content=data, headers={**PNG, **key}).status_code == 200
+        assert app.get("/openapi.json", headers=key).json()["info"]["title"] == "segserve"
+        assert app.get("/metrics", headers={"Authorization": "Bearer scrape"}).status_code == 200
+        assert app.get("/metrics", headers=key).status_code == 200
+        for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/docs"):
+            assert app.get(path).status_code == 200, path  # probes, and the docs page's shell
+        assert rejected(app, headers=key)["unauthorized"] == 8
+    with in_process(
+        tiny_repository, api_key="s3cret", public_metrics=True, public_docs=True
+    ) as app:
+        assert app.get("/metrics").status_code == 200
+        assert app.get("/openapi.json").status_code == 200
 
 
 def v2_binary_request(pixels: np.ndarray) -> tuple[bytes, dict]:

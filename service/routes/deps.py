@@ -26,19 +26,41 @@ async def get_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(get_service)]
 
 
+def bearer_matches(request: Request, *keys: str | None) -> bool:
+    """`Authorization: Bearer T` with T one of `keys` (compared in constant time)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and any(
+        k is not None and hmac.compare_digest(token.encode(), k.encode()) for k in keys
+    )
+
+
+def unauthorized(what: str) -> ServiceError:
+    return ServiceError(
+        401, f"missing or wrong {what}: send Authorization: Bearer KEY",
+        reason="unauthorized", headers={"WWW-Authenticate": "Bearer"},
+    )  # fmt: skip
+
+
 async def authorize(request: Request) -> None:
     """With an API key set: `Authorization: Bearer KEY` or 401."""
     key = service_of(request).settings.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
-        raise ServiceError(
-            401,
-            "missing or wrong API key: send Authorization: Bearer KEY",
-            reason="unauthorized",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    if key is not None and not bearer_matches(request, key):
+        raise unauthorized("API key")
+
+
+async def authorize_metrics(request: Request) -> None:
+    """With an API key set and metrics not public: the key or the metrics token."""
+    s = service_of(request).settings
+    open_ = s.api_key is None or s.public_metrics
+    if not open_ and not bearer_matches(request, s.api_key, s.metrics_token):
+        raise unauthorized("API key or metrics token")
+
+
+async def authorize_docs(request: Request) -> None:
+    """With an API key set and docs not public: the key, for the API description."""
+    s = service_of(request).settings
+    if s.api_key is not None and not s.public_docs and not bearer_matches(request, s.api_key):
+        raise unauthorized("API key (or set SEGSERVE_PUBLIC_DOCS=true)")
 
 
 def use_model(request: Request, name: str | None, version: int | None) -> ServedModel:

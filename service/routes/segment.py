@@ -58,15 +58,22 @@ async def segment(
         raise ServiceError(422, str(exc)) from exc
     if mask_ids and params.format != "json":
         raise ServiceError(422, "masks come with format=json")
-    data = await image_bytes(request, service.settings.max_body_bytes)
+    deadline = deadline_of(request)
+    s = service.settings
+    data = await image_bytes(request, s.max_body_bytes, deadline, s.idle_timeout_s)
     timings: dict[str, float] = {}
     request.state.timings = timings  # for the request log line
-    image = await service.decode(data, served, timings)
-    (labels,) = await service.segment(
-        served, [image], deadline_of(request), timings, partial(wait_for_disconnect, request)
-    )
     spec = RenderSpec(params.format, tuple(mask_ids), params.mask_encoding)
     started = request.state.started
-    body, media_type = await service.render(served, image, labels, spec, timings, started)
+    async with service.lease() as lease:
+        (image,) = await service.decode([data], served, timings, lease, deadline)
+        (labels,) = await service.segment(
+            served, [image], deadline, timings, partial(wait_for_disconnect, request)
+        )
+        body, media_type = await service.render(served, image, labels, spec, timings, started)
     timings["total"] = time.perf_counter() - started
-    return Response(body, media_type=media_type, headers={"Server-Timing": server_timing(timings)})
+    headers = {"Server-Timing": server_timing(timings)}
+    if image.scaled:
+        h, w = image.inference_size
+        headers["X-Inference-Size"] = f"{w}x{h}"
+    return Response(body, media_type=media_type, headers=headers)

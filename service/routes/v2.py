@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from segserve.service.body import read_capped
-from segserve.service.core import DecodedImage, InferenceService, ServedModel
+from segserve.service.core import ServedModel
 from segserve.service.errors import ServiceError
+from segserve.service.imaging import resize_labels
 from segserve.service.routes.deps import (
     Service,
     authorize,
@@ -21,7 +22,14 @@ from segserve.service.routes.deps import (
     use_model,
     wait_for_disconnect,
 )
-from segserve.service.v2 import HEADER_LENGTH, image_input, model_metadata, split_body, wants_binary
+from segserve.service.v2 import (
+    HEADER_LENGTH,
+    InferRequest,
+    image_input,
+    model_metadata,
+    parse_request,
+    wants_binary,
+)
 
 probes = APIRouter(prefix="/v2")  # open, as health probes must be
 guarded = APIRouter(prefix="/v2", dependencies=[Depends(authorize)])
@@ -60,26 +68,8 @@ async def model_ready(request: Request, name: str, version: int | None = None) -
     )
 
 
-def _images(
-    service: InferenceService, model: ServedModel, body: bytes, header_length: str | None
-) -> tuple[dict, list[DecodedImage], dict[str, float]]:
-    """Parse, decode and prepare every image of one request, in one worker thread."""
-    req, binary = split_body(body, header_length)
-    tensor = image_input(req, binary, service.settings.max_image_pixels)
-    timings: dict[str, float] = {}
-    if isinstance(tensor, np.ndarray):
-        return req, [service.accept_pixels(im, model, timings) for im in tensor], timings
-    images = [service.decode_sync(blob, model, timings) for blob in tensor]
-    if len({im.size for im in images}) > 1:
-        raise ServiceError(
-            400,
-            "the images of one request must share one size (output is [N, H, W])",
-            reason="bad_request",
-        )
-    return req, images, timings
-
-
-def _response(model: ServedModel, req: dict, labels: list[np.ndarray]) -> Response:
+def _response(model: ServedModel, req: InferRequest, labels: list[np.ndarray]) -> Response:
+    """The answer, built in a worker thread (a JSON tensor of many labels is megabytes)."""
     stacked = np.stack(labels)
     output: dict = {"name": "labels", "datatype": "UINT8", "shape": list(stacked.shape)}
     response: dict = {
@@ -87,8 +77,8 @@ def _response(model: ServedModel, req: dict, labels: list[np.ndarray]) -> Respon
         "model_version": str(model.version),
         "outputs": [output],
     }
-    if "id" in req:
-        response["id"] = req["id"]
+    if req.id is not None:
+        response["id"] = req.id
     if wants_binary(req):
         data = stacked.tobytes()
         output["parameters"] = {"binary_data_size": len(data)}
@@ -111,15 +101,41 @@ async def infer(
     version: int | None = None,
 ) -> Response:
     model = use_model(request, name, version)
-    body = await read_capped(request, service.settings.max_body_bytes)
-    req, images, timings = await asyncio.to_thread(
-        _images, service, model, body, request.headers.get(HEADER_LENGTH)
+    s = service.settings
+    body = await read_capped(request, s.max_body_bytes, deadline_of(request), s.idle_timeout_s)
+    req, tensor = await asyncio.to_thread(
+        _parse,
+        body,
+        request.headers.get(HEADER_LENGTH),
+        s.max_image_pixels,
+        s.max_images_per_request,
     )
+    timings: dict[str, float] = {}
     request.state.timings = timings
-    labels = await service.segment(
-        model, images, deadline_of(request), timings, partial(wait_for_disconnect, request)
-    )
-    return await asyncio.to_thread(_response, model, req, labels)
+    deadline = deadline_of(request)
+    async with service.lease() as lease:
+        if isinstance(tensor, np.ndarray):
+            images = await service.from_pixels(tensor, model, timings, lease, deadline)
+        else:
+            images = await service.decode(tensor, model, timings, lease, deadline)
+            if len({im.size for im in images}) > 1:
+                raise ServiceError(
+                    400,
+                    "the images of one request must share one size (output is [N, H, W])",
+                    reason="bad_request",
+                )
+        labels = await service.segment(
+            model, images, deadline, timings, partial(wait_for_disconnect, request)
+        )
+        full = await asyncio.to_thread(
+            lambda: [resize_labels(lab, *im.size) for lab, im in zip(labels, images, strict=True)]
+        )
+        return await asyncio.to_thread(_response, model, req, full)
+
+
+def _parse(body: bytes, header_length: str | None, max_pixels: int, max_images: int):
+    req, binary = parse_request(body, header_length)
+    return req, image_input(req, binary, max_pixels, max_images)
 
 
 router = APIRouter()
