@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
 
-.PHONY: setup tools run test lint bootstrap bench-peers clean
+.PHONY: setup tools run test test-images lint bootstrap bench-peers clean
 
 # torch and torchvision go through pip on their own, pinned: pip takes them from this
 # machine's disk; the rest of the project installs with its train and dev extras.
@@ -28,15 +28,22 @@ run: setup
 bootstrap: setup
 	$(VENV)/bin/segserve bootstrap --repository $(REPOSITORY)
 
-# Prometheus (promtool, and a real server for the dashboard test) from Debian's package.
+# Prometheus and Alertmanager (real servers and their checkers for the monitoring tests) from
+# Debian's packages.
 tools:
-	@command -v promtool >/dev/null 2>&1 || { \
-		echo "installing Debian's prometheus package (promtool and a real server for the tests)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1 || { \
+		echo "installing Debian's prometheus and prometheus-alertmanager packages (for the tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null; \
 	} || echo "warning: could not install prometheus; its tests will be skipped"
 
 test: setup tools
 	$(PY) -m pytest -q
+
+# Both images built (against a base made offline by debootstrap) and run by a private dockerd:
+# needs root and a few minutes (the GPU image downloads the CUDA libraries as wheels, ~3 GB).
+test-images: setup tools
+	$(PY) -m pytest -m images tests/images -v -p no:cacheprovider
+	@cat .bench/images-report.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@ and `predict` work where torch is not installed."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -158,6 +159,33 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from segserve.export.importer import ImportRefused, import_model
+
+    try:
+        folder = import_model(
+            args.model, args.repository, args.name, version=args.version, force=args.force,
+            classes=args.classes, mean=args.mean, std=args.std, output_name=args.output_name,
+            input_layout=args.input_layout, size_divisor=args.size_divisor,
+            architecture=args.architecture,
+        )  # fmt: skip
+    except (ImportRefused, FileExistsError, FileNotFoundError) as exc:
+        print(f"segserve import: {exc}", file=sys.stderr)
+        return 1
+    card = json.loads((folder / "model.json").read_text())
+    print(f"{'written':<14}{folder / 'model.onnx'}")
+    for key in (
+        "input_name",
+        "input_dtype",
+        "input_layout",
+        "output_name",
+        "output",
+        "num_classes",
+    ):
+        print(f"{key:<14}{card[key]}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from segserve.service.imaging import ImageDecodeError, ImageTooLarge
     from segserve.service.predict import predict_files
@@ -294,6 +322,37 @@ def build_parser() -> argparse.ArgumentParser:
         "slower to load; sessions optimise at load anyway, see docs/benchmarks.md)",
     )
     export.set_defaults(func=_export)
+
+    imp = sub.add_parser(
+        "import", help="bring a segmentation ONNX file from elsewhere into the model repository",
+        formatter_class=_Formatter,
+    )  # fmt: skip
+    imp.add_argument(
+        "model",
+        type=Path,
+        help="the ONNX file (e.g. torchvision FCN/DeepLabV3/LRASPP via torch.onnx)",
+    )
+    imp.add_argument("--repository", required=True, type=Path, help="the model repository folder")
+    imp.add_argument("--name", required=True, help="the model's name in the repository")
+    imp.add_argument("--version", type=int, default=None, help="default: one past the newest")
+    imp.add_argument(
+        "--classes", default=None,
+        help="voc (PASCAL VOC's 21), or a JSON file with class_names (and palette); default: "
+        "class0.. as many as the output's channels",
+    )  # fmt: skip
+    imp.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                     help="normalisation of float inputs, 0..1 scale (default: ImageNet's)")  # fmt: skip
+    imp.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                     help="normalisation of float inputs (default: ImageNet's)")  # fmt: skip
+    imp.add_argument("--output-name", default=None,
+                     help="the segmentation output when the graph has several (default: 'out' or the only one)")  # fmt: skip
+    imp.add_argument("--input-layout", choices=("NCHW", "NHWC"), default=None,
+                     help="default: from the input's shape (the dimension of size 3)")  # fmt: skip
+    imp.add_argument("--size-divisor", type=int, default=1,
+                     help="the stride the network needs its input padded to when batching sizes together")  # fmt: skip
+    imp.add_argument("--architecture", default="imported", help="a name for the card")
+    imp.add_argument("--force", action="store_true", help="overwrite an existing version")
+    imp.set_defaults(func=_import)
 
     predict = sub.add_parser(
         "predict",

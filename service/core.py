@@ -6,6 +6,7 @@ it can be driven in-process without any of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,51 +64,110 @@ class InferenceService:
         self.registry = ModelRegistry()
         self.budget = PixelBudget(settings.max_inflight_pixels)
         self.serving = False  # between the end of start() and the beginning of stop()
+        self._watcher: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load every version in the repository, start its batcher, warm it; then ready."""
+        """Load and warm every version in the repository, then serve (and, with
+        `repository_poll_s`, keep following the repository)."""
         s = self.settings
         if not s.repository.is_dir():
             log.error("model repository %s does not exist", s.repository)
-            self.registry.failed.append(FailedModel("*", 0, "the model repository does not exist"))
-        for entry in await asyncio.to_thread(lambda: list(walk(s.repository))):
-            try:
-                model = await asyncio.to_thread(self._load, entry)
-            except ProviderUnavailable:
-                raise  # a provider asked for by name must load: a start-up error
-            except Exception as exc:  # any other load failure is reported, never fatal
-                log.error("could not load %s v%s: %s", entry.name, entry.version, exc)
-                self.registry.failed.append(
-                    FailedModel(entry.name, entry.version, f"{type(exc).__name__}: {exc}")
-                )
-                self.metrics.load_failures.labels(entry.name, str(entry.version)).set(1)
-                continue
-            self.registry.add(model)
-            model.batcher.start()
-            log.info(
-                "loaded %s v%s (%s, %s)",
-                model.name,
-                model.version,
-                model.card.architecture,
-                model.engine.provider,
-            )
-        names = sorted(self.registry.models)
-        if s.default_model and s.default_model in self.registry.models:
-            self.registry.default_name = s.default_model
-        elif s.default_model:
-            log.error("default model %r is not loaded", s.default_model)
-            self.registry.default_name = s.default_model  # unready until it is
-        else:
-            self.registry.default_name = names[0] if names else None
-        for model in self.registry.all():
-            await asyncio.to_thread(self._warm, model)
-            self.metrics.model_info.labels(
-                model.name, str(model.version), model.engine.provider, model.card.architecture
-            ).set(1)
+        await self.sync(at_start=True)
         self.serving = True
         log.info("ready: %s", self.unready_reason() or "yes")
+        if s.repository_poll_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                await self.sync()
+            except Exception:  # a failed look at the repository must not end the watching
+                log.exception("could not sync the model repository")
+
+    async def sync(self, at_start: bool = False) -> None:
+        """Make the served models what the repository holds: versions that appeared are
+        loaded and warmed before they take traffic (the newest of a name serves requests
+        that name no version); versions that disappeared stop taking requests and finish
+        what they have. A version that fails to load is listed (and retried once its file
+        changes); whatever served before goes on serving."""
+        entries = {
+            (e.name, e.version): e
+            for e in await asyncio.to_thread(lambda: list(walk(self.settings.repository)))
+        }
+        for model in [m for m in self.registry.all() if (m.name, m.version) not in entries]:
+            self._retire(model)
+        failed = {(f.name, f.version): f for f in self.registry.failed}
+        for key, entry in sorted(entries.items()):
+            if self.registry.has(*key):
+                continue
+            mtime = await asyncio.to_thread(lambda e=entry: e.model_path.stat().st_mtime)
+            if key in failed and failed[key].mtime == mtime:
+                continue  # the same file that failed before
+            await self._activate(entry, mtime, at_start)
+        for gone in [f for f in self.registry.failed if (f.name, f.version) not in entries]:
+            self.registry.failed.remove(gone)
+            with contextlib.suppress(KeyError):
+                self.metrics.load_failures.remove(gone.name, str(gone.version))
+        self._choose_default()
+
+    async def _activate(self, entry: VersionEntry, mtime: float, fatal_provider: bool) -> None:
+        try:
+            model = await asyncio.to_thread(self._load, entry)
+            await asyncio.to_thread(self._warm, model)
+        except ProviderUnavailable:
+            if fatal_provider:
+                raise  # a provider asked for by name must load: a start-up error
+            log.exception("could not load %s v%s", entry.name, entry.version)
+            self._failed(entry, mtime, "the execution provider asked for did not load")
+            return
+        except Exception as exc:  # any other load failure is reported, never fatal
+            log.error("could not load %s v%s: %s", entry.name, entry.version, exc)
+            self._failed(entry, mtime, f"{type(exc).__name__}: {exc}")
+            return
+        model.batcher.start()
+        self.registry.add(model)
+        self.registry.failed = [
+            f for f in self.registry.failed if (f.name, f.version) != (model.name, model.version)
+        ]
+        self.metrics.load_failures.labels(model.name, str(model.version)).set(0)
+        self.metrics.model_info.labels(*self._info_labels(model)).set(1)
+        log.info("serving %s v%s (%s, %s)", model.name, model.version,
+                 model.card.architecture, model.engine.provider)  # fmt: skip
+
+    def _failed(self, entry: VersionEntry, mtime: float, error: str) -> None:
+        self.registry.failed = [
+            f for f in self.registry.failed if (f.name, f.version) != (entry.name, entry.version)
+        ] + [FailedModel(entry.name, entry.version, error, mtime)]
+        self.metrics.load_failures.labels(entry.name, str(entry.version)).set(1)
+
+    def _retire(self, model: ServedModel) -> None:
+        """No new requests reach `model`; what it has queued or running still finishes."""
+        self.registry.remove(model)
+        with contextlib.suppress(KeyError):
+            self.metrics.model_info.remove(*self._info_labels(model))
+        task = asyncio.get_running_loop().create_task(model.batcher.stop())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("retired %s v%s (gone from the repository)", model.name, model.version)
+
+    @staticmethod
+    def _info_labels(model: ServedModel) -> tuple[str, str, str, str]:
+        return model.name, str(model.version), model.engine.provider, model.card.architecture
+
+    def _choose_default(self) -> None:
+        wanted = self.settings.default_model
+        if wanted:
+            if wanted not in self.registry.models and self.registry.default_name != wanted:
+                log.error("default model %r is not loaded", wanted)
+            self.registry.default_name = wanted  # unready until it is loaded
+        elif self.registry.default_name not in self.registry.models:
+            names = sorted(self.registry.models)
+            self.registry.default_name = names[0] if names else None
 
     @property
     def ready(self) -> bool:
@@ -136,7 +196,9 @@ class InferenceService:
     async def stop(self) -> None:
         """Refuse new work and finish what is queued (after the server stopped accepting)."""
         self.serving = False
-        await asyncio.gather(*(m.batcher.stop() for m in self.registry.all()))
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await asyncio.gather(*(m.batcher.stop() for m in self.registry.all()), *self._retiring)
 
     def _load(self, entry: VersionEntry) -> ServedModel:
         s = self.settings

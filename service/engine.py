@@ -9,6 +9,8 @@ imported models, float NCHW pixels normalised here.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from segserve.contracts.card import ModelCard
+from segserve.contracts.card import ModelCard, ModelCardError
+from segserve.contracts.repository import CARD_FILE
 from segserve.service.memory import give_back_memory
 
 log = logging.getLogger("segserve.engine")
@@ -71,6 +74,37 @@ def provider_options(providers: list[str], cudnn_conv_algo_search: str) -> list[
     return options
 
 
+def read_card(session: ort.InferenceSession, path: Path) -> ModelCard:
+    """The model card: the ONNX file's own metadata, else a model.json beside it (so that a
+    file from elsewhere can be dropped into the repository with a card written by hand)."""
+    props = session.get_modelmeta().custom_metadata_map
+    beside = path.with_name(CARD_FILE)
+    if "num_classes" not in props and beside.is_file():
+        try:
+            return ModelCard.from_dict(json.loads(beside.read_text()))
+        except ValueError as exc:
+            raise ModelCardError(
+                f"{CARD_FILE} beside the model is not a model card: {exc}"
+            ) from exc
+    if "num_classes" not in props:
+        raise ModelCardError(
+            "this ONNX file has no model card (its metadata and no model.json): bring it in with "
+            "`segserve import MODEL.onnx --repository REPO --name NAME --classes voc|FILE.json`"
+        )
+    return ModelCard.from_metadata(props)
+
+
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu's pip extras installed (the
+    GPU image has no system CUDA). What cannot load shows when the session is made."""
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # noqa: BLE001 - reported, then the session creation decides
+            log.warning("preloading the CUDA libraries failed: %s", exc)
+
+
 def padded_size(h: int, w: int, divisor: int) -> tuple[int, int]:
     return -(-h // divisor) * divisor, -(-w // divisor) * divisor
 
@@ -93,6 +127,8 @@ class Engine:
         card: ModelCard | None = None,
     ) -> Engine:
         chosen, strict = choose_providers(providers, ort.get_available_providers())
+        if "CUDAExecutionProvider" in chosen:
+            preload_cuda_libraries()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
@@ -119,7 +155,7 @@ class Engine:
         if chosen[0] not in loaded:
             log.warning("%s did not load for %s; running on %s", chosen[0], path, loaded[0])
         if card is None:
-            card = ModelCard.from_metadata(session.get_modelmeta().custom_metadata_map)
+            card = read_card(session, Path(path))
         engine = cls(session=session, card=card, path=Path(path))
         engine.check_io()
         return engine

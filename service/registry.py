@@ -28,6 +28,7 @@ class FailedModel:
     name: str
     version: int
     error: str
+    mtime: float = 0.0  # of the file that failed: a changed file is tried again
 
 
 @dataclass
@@ -38,6 +39,15 @@ class ModelRegistry:
 
     def add(self, model: ServedModel) -> None:
         self.models.setdefault(model.name, {})[model.version] = model
+
+    def remove(self, model: ServedModel) -> None:
+        versions = self.models.get(model.name, {})
+        versions.pop(model.version, None)
+        if not versions:
+            self.models.pop(model.name, None)
+
+    def has(self, name: str, version: int) -> bool:
+        return version in self.models.get(name, {})
 
     def all(self) -> list[ServedModel]:
         return [m for versions in self.models.values() for m in versions.values()]

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # Ready means the default model and these (comma-separated) are loaded and warm; other
     # models that fail to load are listed in /models and a metric, and do not block.
     required_models: str = ""
+    # Seconds between looks at the repository for versions added or removed (0: only at start).
+    repository_poll_s: float = Field(10.0, ge=0)
     providers: str = "auto"
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     warmup_shapes: str = "512x512,375x500"

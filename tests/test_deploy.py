@@ -1,5 +1,8 @@
-"""Deployment files, checked without a Docker engine: compose, Dockerfiles, Prometheus rules,
-and the Grafana dashboard's queries evaluated by a real Prometheus scraping a real segserve."""
+"""Deployment files without a Docker engine: compose through a real Compose Specification
+parser, Kubernetes manifests against Kubernetes' schemas, Dockerfiles, and the monitoring
+stack run for real: Prometheus scraping segserve, evaluating every rule and dashboard query,
+and sending an alert through Alertmanager to a receiver. The images themselves are built
+and run by `make test-images` (tests/images/)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,60 +23,173 @@ import yaml
 from helpers import ROOT, free_port, image_bytes, run_server
 
 DOCKER = ROOT / "docker"
-COMPOSE_ENV = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "test-only"}
+KUBE = ROOT / "deploy" / "kubernetes"
+ENV = {"SEGSERVE_API_KEY": "k", "SEGSERVE_METRICS_TOKEN": "m", "GRAFANA_ADMIN_PASSWORD": "g"}
 
 
-def compose_command() -> list[str] | None:
-    """A Compose v2 client (`docker compose` or a v2 `docker-compose`), if this machine has one.
-
-    Compose v1 (Debian's docker-compose 1.29) predates the Compose Spec this file uses
-    (top-level `name`, `!reset`), so it does not count."""
-    for cmd in (["docker", "compose"], ["docker-compose"]):
-        if shutil.which(cmd[0]) is None:
-            continue
-        version = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True)
-        if version.returncode == 0 and version.stdout.strip().lstrip("v").startswith(("2", "3")):
-            return cmd
-    return None
+# -- compose ------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    compose_command() is None,
-    reason="no Docker Compose v2 client here: the docker CLI lacks its compose plugin "
-    "(the static checks below still run)",
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags: `!reset` drops a key, `!override` replaces it whole."""
+
+
+class Reset:
+    pass
+
+
+class Override:
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
+ComposeLoader.add_constructor(
+    "!override", lambda loader, node: Override(loader.construct_mapping(node, deep=True))
 )
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} (a missing required one raises)."""
+
+    def one(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        value = env.get(name)
+        if op == ":?" and not value:
+            raise KeyError(f"{name}: {arg}")
+        return value if value else (arg or "")
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, text)
+
+
+def merge(base, over):
+    """Compose's merge of an override file: mappings merge key by key, the rest replaces."""
+    if isinstance(over, Override):
+        return over.value
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            if isinstance(value, Reset):
+                out.pop(key, None)
+            else:
+                out[key] = merge(base.get(key), value)
+        return out
+    return over
+
+
+def compose(*files: str, env: dict[str, str] = ENV) -> dict:
+    doc: dict = {}
+    for f in files:
+        doc = merge(doc, yaml.load(interpolate((ROOT / f).read_text(), env), ComposeLoader))
+    return doc
+
+
+def parse_with_compose_spec(doc: dict):
+    """The Rust compose_spec parser (a full Compose Specification implementation)."""
+    from compose_spec import PyCompose
+
+    return PyCompose.from_yaml(yaml.safe_dump(doc))
+
+
 @pytest.mark.parametrize(
     "files", [["docker-compose.yml"], ["docker-compose.yml", "docker/compose.cpu.yml"]]
 )
-def test_docker_compose_config_accepts_the_files(files):
-    args = [a for f in files for a in ("-f", f)]
-    result = subprocess.run(
-        [*compose_command(), *args, "config"],
-        cwd=ROOT,
-        env=COMPOSE_ENV,
-        capture_output=True,
-        text=True,
+def test_compose_files_parse_as_the_compose_specification(files):
+    parsed = parse_with_compose_spec(compose(*files))
+    assert set(parsed.service_names()) == {"segserve", "dcgm-exporter", "prometheus", "alertmanager", "grafana"}  # fmt: skip
+
+
+def test_compose_refuses_to_start_without_its_secrets():
+    with pytest.raises(KeyError, match="SEGSERVE_API_KEY"):
+        compose("docker-compose.yml", env={})
+
+
+def test_compose_is_hardened_and_monitoring_is_independent_and_local():
+    gpu = compose("docker-compose.yml")["services"]
+    cpu = compose("docker-compose.yml", "docker/compose.cpu.yml")["services"]
+    for services in (gpu, cpu):
+        for name in ("segserve", "prometheus", "alertmanager", "grafana"):
+            s = services[name]
+            assert s["read_only"] and s["cap_drop"] == ["ALL"], name
+            assert "no-new-privileges:true" in s["security_opt"], name
+            assert s["logging"]["options"]["max-size"], name
+            assert s["deploy"]["resources"]["limits"]["memory"], name
+            assert "healthcheck" in s, name
+        for name in ("prometheus", "alertmanager", "grafana"):
+            assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), name
+        assert "segserve" not in services["prometheus"].get("depends_on", {})
+        assert services["segserve"]["environment"]["SEGSERVE_API_KEY"] == "k"
+    assert gpu["segserve"]["environment"]["SEGSERVE_PROVIDERS"] == "cuda"  # strict on a GPU host
+    assert (
+        gpu["segserve"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     )
-    assert result.returncode == 0, result.stderr
+    assert cpu["segserve"]["environment"]["SEGSERVE_PROVIDERS"] == "cpu"
+    assert "reservations" not in cpu["segserve"]["deploy"]["resources"]
+    assert cpu["dcgm-exporter"]["profiles"] == ["gpu-metrics"]
+    assert cpu["segserve"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    # One health story: liveness /healthz (image HEALTHCHECK, k8s livenessProbe), readiness
+    # /readyz (compose healthcheck, k8s readinessProbe).
+    assert "/readyz" in json.dumps(gpu["segserve"]["healthcheck"]["test"])
 
 
-def test_compose_file_wires_the_stack():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert set(services) == {"segserve", "prometheus", "grafana", "dcgm-exporter"}
-    gpu = services["segserve"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    assert services["segserve"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
-    assert services["prometheus"]["depends_on"]["segserve"]["condition"] == "service_healthy"
-    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
-    for name in ("segserve", "prometheus", "grafana"):
-        assert "healthcheck" in services[name], name
-    assert set(compose["volumes"]) == {"prometheus-data", "grafana-data"}
-    env = services["grafana"]["environment"]
-    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD")
-    assert env["GF_AUTH_ANONYMOUS_ENABLED"].endswith(":-false}")
-    cpu = yaml.safe_load((DOCKER / "compose.cpu.yml").read_text().replace("!reset", ""))
-    assert cpu["services"]["segserve"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+# -- Kubernetes --------------------------------------------------------------------------
+
+
+def manifests() -> dict[str, dict]:
+    return {
+        p.name: yaml.safe_load(p.read_text()) for p in sorted(KUBE.glob("*.yaml"))
+        if p.name != "kustomization.yaml"
+    }  # fmt: skip
+
+
+def test_kubernetes_manifests_validate_against_kubernetes_schemas():
+    import kubernetes_validate
+
+    checked = 0
+    for doc in manifests().values():
+        if doc["apiVersion"].split("/")[0].endswith((".coreos.com", ".kserve.io")):
+            continue  # custom resources: checked below
+        kubernetes_validate.validate(doc, "1.31", strict=True)
+        checked += 1
+    assert checked >= 6
+    broken = dict(manifests()["deployment.yaml"])
+    broken["spec"] = {**broken["spec"], "replica": 2}  # a typo strict validation must catch
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.31", strict=True)
+    listed = yaml.safe_load((KUBE / "kustomization.yaml").read_text())["resources"]
+    assert all((KUBE / r).is_file() for r in listed)
+
+
+def test_the_deployment_matches_the_drain_and_the_custom_resources_fit():
+    m = manifests()
+    pod = m["deployment.yaml"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert (
+        pod["terminationGracePeriodSeconds"]
+        >= 30 + container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    )
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert (
+        container["securityContext"]["readOnlyRootFilesystem"]
+        and pod["securityContext"]["runAsNonRoot"]
+    )
+    service = m["service.yaml"]["spec"]
+    monitor = m["servicemonitor.yaml"]["spec"]
+    assert monitor["selector"]["matchLabels"] == m["service.yaml"]["metadata"]["labels"]
+    assert monitor["endpoints"][0]["port"] in {p["name"] for p in service["ports"]}
+    assert (
+        m["hpa.yaml"]["spec"]["scaleTargetRef"]["name"] == m["deployment.yaml"]["metadata"]["name"]
+    )
+    isvc = m["inferenceservice.yaml"]
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    predictor = isvc["spec"]["predictor"]["containers"][0]
+    assert predictor["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert predictor["image"] == container["image"]  # the same image serves both ways
+
+
+# -- Dockerfiles -------------------------------------------------------------------------
 
 
 def code_lines(text: str) -> str:
@@ -84,28 +202,37 @@ def code_lines(text: str) -> str:
 @pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
 def test_dockerfiles_have_the_essentials(name):
     text = (DOCKER / name).read_text()
-    bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
-    assert len(bases) >= 2, "multi-stage: build tools stay in the build stage"
-    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
-    for base in bases:
-        image = args.get(base.strip("${}"), base)
-        assert re.search(r":\d+\.\d+", image), f"base image not pinned to a version: {image}"
+    assert re.search(r"^ARG BASE=\S+:\d+\.\d+", text, re.M), "a BASE build argument, pinned"
+    assert len(re.findall(r"^FROM\s+\$\{BASE\}", text, re.M)) >= 2, "multi-stage on BASE"
     user = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert user and not user[-1].startswith(("root", "0")), "runs as a non-root user"
     assert re.search(r"^HEALTHCHECK .*", text, re.M) and "/healthz" in text
     assert 'ENTRYPOINT ["segserve", "serve"' in text
     assert "torch" not in code_lines(text)
+    assert "--constraint" in text or "-c /tmp/constraints" in text
 
 
-def test_gpu_image_pairs_onnxruntime_gpu_with_cuda_13_and_carries_no_torch():
-    text = (DOCKER / "Dockerfile.gpu").read_text()
-    assert re.search(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime", text)
-    version = re.search(r"onnxruntime-gpu==(\d+)\.(\d+)", text)
-    assert version and (int(version[1]), int(version[2])) >= (1, 27), (
-        "onnxruntime-gpu >= 1.27 is the CUDA 13 build"
+def test_both_images_pin_one_onnxruntime_and_every_dependency():
+    lock = (DOCKER / "requirements-serve.txt").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.M))
+    assert "torch" not in code_lines(lock)
+    for dist in (
+        "numpy",
+        "pillow",
+        "fastapi",
+        "uvicorn",
+        "pydantic",
+        "starlette",
+        "httptools",
+        "anyio",
+    ):
+        assert dist in {k.lower() for k in pins}, dist
+    # One onnxruntime for both images: the CPU wheel and the GPU wheel of one version.
+    assert pins["onnxruntime"] == pins["onnxruntime-gpu"]
+    gpu = re.search(
+        r"onnxruntime-gpu\[cuda,cudnn\]==([\d.]+)", (DOCKER / "Dockerfile.gpu").read_text()
     )
-    requirements = code_lines((DOCKER / "requirements-serve.txt").read_text())
-    assert "torch" not in requirements and "onnxruntime" not in requirements
+    assert gpu and gpu[1] == pins["onnxruntime"]
 
 
 def test_hadolint_passes():
@@ -114,43 +241,78 @@ def test_hadolint_passes():
         pytest.skip("hadolint is not installed (the essentials test above still runs)")
     result = subprocess.run(
         [hadolint, "--config", ".hadolint.yaml", "docker/Dockerfile.gpu", "docker/Dockerfile.cpu"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
+# -- the monitoring stack, for real ------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
     if path is None:
-        pytest.skip("promtool missing: `make test` installs Debian's prometheus package")
+        pytest.skip(f"{name} missing: `make test` installs Debian's prometheus packages")
     return path
 
 
-def test_promtool_accepts_the_config_and_the_rules():
-    for args in (
-        ["check", "config", "docker/prometheus/prometheus.yml"],
-        ["check", "rules", "docker/prometheus/alerts.yml"],
-    ):
-        result = subprocess.run([promtool(), *args], cwd=ROOT, capture_output=True, text=True)
+def local_prometheus_config(
+    tmp: Path, segserve: str, alertmanager: str, port: int, token: str, immediate: tuple = ()
+) -> Path:
+    """The shipped config and rules, with targets on loopback and 1 s intervals; the alerts
+    named in `immediate` fire as soon as their condition holds (`for: 0s`)."""
+    config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    (tmp / "token").write_text(token)
+    for job in config["scrape_configs"]:
+        if job["job_name"] == "segserve":
+            job["static_configs"][0]["targets"] = [segserve]
+            job["authorization"]["credentials_file"] = str(tmp / "token")
+        elif job["job_name"] == "prometheus":
+            job["static_configs"][0]["targets"] = [f"127.0.0.1:{port}"]
+    config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [alertmanager]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    for name in ("rules.yml", "gpu-rules.yml"):
+        groups = yaml.safe_load((DOCKER / "prometheus" / name).read_text())
+        for rule in (r for g in groups["groups"] for r in g["rules"]):
+            if rule.get("alert") in immediate:
+                rule["for"] = "0s"
+        (tmp / name).write_text(yaml.safe_dump(groups))
+    return tmp / "prometheus.yml"
+
+
+def test_promtool_and_amtool_accept_the_shipped_configuration(tmp_path):
+    config = local_prometheus_config(tmp_path, "127.0.0.1:1", "127.0.0.1:2", 3, "t")
+    for args in (["check", "config", str(config)],
+                 ["check", "rules", "docker/prometheus/rules.yml", "docker/prometheus/gpu-rules.yml"]):  # fmt: skip
+        result = subprocess.run([tool("promtool"), *args], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run([tool("amtool"), "check-config", "docker/alertmanager/alertmanager.yml"],
+                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_alert_rules_cover_latency_errors_rejections_and_targets():
-    rules = {
-        r["alert"]: r
-        for g in yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())["groups"]
-        for r in g["rules"]
-    }
-    latency = rules["SegserveLatencyP95Over200ms"]
-    assert "0.95" in latency["expr"] and "> 0.2" in latency["expr"] and latency["for"] == "5m"
+def rules() -> dict[str, dict]:
+    out = {}
+    for f in ("rules.yml", "gpu-rules.yml"):
+        for group in yaml.safe_load((DOCKER / "prometheus" / f).read_text())["groups"]:
+            for rule in group["rules"]:
+                out[rule.get("alert") or rule["record"]] = rule
+    return out
+
+
+def test_every_alert_has_a_description_and_a_runbook_section():
+    operations = (ROOT / "docs" / "operations.md").read_text().lower()
+    alerts = {k: v for k, v in rules().items() if "alert" in v}
+    assert len(alerts) >= 7
+    for name, rule in alerts.items():
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        anchor = rule["annotations"]["runbook"].split("#")[1]
+        assert f"### {name.lower()}" in operations and anchor == name.lower(), name
     assert (
-        "5.." in rules["SegserveErrorRatioOver1Percent"]["expr"]
-        and "0.01" in rules["SegserveErrorRatioOver1Percent"]["expr"]
+        "segserve:request_duration_seconds:p95_5m" in rules()["SegserveLatencyP95Over200ms"]["expr"]
     )
-    assert "segserve_rejected_total" in rules["SegserveRejectionsRising"]["expr"]
-    assert "up" in rules["SegserveTargetDown"]["expr"]
+    assert "> 0.1" in rules()["SegserveErrorRatioOver1Percent"]["expr"]  # the traffic floor
 
 
 def dashboard() -> dict:
@@ -163,21 +325,13 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def test_dashboard_has_the_panels_and_variables_users_need():
     titles = " | ".join(p["title"] for p in dashboard()["panels"]).lower()
-    for word in (
-        "status",
-        "p99",
-        "stage",
-        "batch size",
-        "queue depth",
-        "rejections",
-        "image sizes",
-        "gpu utilisation",
-        "gpu memory",
-    ):
+    for word in ("status", "p99", "stage", "batch size", "queue depth", "rejections", "image sizes",
+                 "gpu utilisation", "gpu memory"):  # fmt: skip
         assert word in titles, word
     assert {v["name"] for v in dashboard()["templating"]["list"]} == {"model", "instance"}
     latency = next(p for p in dashboard()["panels"] if "p99" in p["title"])
     assert latency["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] == 0.2
+    assert all("segserve:request_duration_seconds:" in t["expr"] for t in latency["targets"])
     provisioning = yaml.safe_load(
         (DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     )
@@ -191,68 +345,104 @@ def grafana_to_promql(expr: str) -> str:
     )
 
 
+class Receiver(BaseHTTPRequestHandler):
+    """An Alertmanager webhook receiver: keeps what it is sent."""
+
+    received: list = []
+
+    def do_POST(self):  # noqa: N802
+        Receiver.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
-def prometheus_and_segserve(tiny_repository, tmp_path_factory):
-    """A real Prometheus (Debian's package) scraping a real segserve, both on loopback."""
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.skip("prometheus missing: `make test` installs Debian's prometheus package")
-    tmp = tmp_path_factory.mktemp("prometheus")
-    with run_server(tiny_repository, tmp, max_queue_delay_ms=10) as server:
-        # The project's own config and rules, with the targets pointed at loopback.
-        config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
-        config["global"]["scrape_interval"] = "1s"
-        config["global"]["evaluation_interval"] = "1s"
-        port = free_port()
-        targets = {
-            "segserve": server.url.removeprefix("http://"),
-            "dcgm": f"127.0.0.1:{free_port()}",
-            "prometheus": f"127.0.0.1:{port}",
-        }
-        for job in config["scrape_configs"]:
-            job["static_configs"][0]["targets"] = [targets[job["job_name"]]]
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-        shutil.copy(DOCKER / "prometheus" / "alerts.yml", tmp / "alerts.yml")
-        proc = subprocess.Popen(
-            [prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
+def stack(tiny_repository, tmp_path_factory):
+    """segserve (with an API key and a metrics token), Prometheus with the shipped config and
+    rules, Alertmanager with the shipped config sending to a local receiver."""
+    prometheus, alertmanager = tool("prometheus"), tool("prometheus-alertmanager")
+    tmp = tmp_path_factory.mktemp("stack")
+    receiver = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    am_config = yaml.safe_load((DOCKER / "alertmanager" / "alertmanager.yml").read_text())
+    am_config["receivers"][0]["webhook_configs"][0]["url"] = (
+        f"http://127.0.0.1:{receiver.server_port}/alerts"
+    )
+    for route in [am_config["route"], *am_config["route"]["routes"]]:  # seconds, not minutes
+        route.update(group_wait="1s", group_interval="1s")
+    (tmp / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
+    am_port, prom_port = free_port(), free_port()
+    procs = []
+    server_cm = run_server(
+        tiny_repository, tmp, api_key="key", metrics_token="scrape", max_batch_size=4
+    )
+    server = server_cm.__enter__()
+    try:
+        procs.append(subprocess.Popen(
+            [alertmanager, f"--config.file={tmp / 'alertmanager.yml'}", f"--storage.path={tmp / 'am'}",
+             f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address="],
+            stdout=(tmp / "am.log").open("w"), stderr=subprocess.STDOUT,
+        ))  # fmt: skip
+        config = local_prometheus_config(
+            tmp,
+            server.url.removeprefix("http://"),
+            f"127.0.0.1:{am_port}",
+            prom_port,
+            "scrape",
+            immediate=(
+                "SegserveTargetDown",
+            ),  # seconds, not a minute: the shipped wait is asserted
+        )
+        procs.append(subprocess.Popen(
+            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
             stdout=(tmp / "prometheus.log").open("w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        api = f"http://127.0.0.1:{port}/api/v1"
+        ))  # fmt: skip
+        api = f"http://127.0.0.1:{prom_port}/api/v1"
+        wait_for(
+            lambda: query(api, 'up{job="segserve"}')["result"][0]["value"][1] == "1",
+            60,
+            tmp / "prometheus.log",
+        )
+        with server.client(headers={"Authorization": "Bearer key"}) as c:
+            end = time.monotonic() + 6
+            while time.monotonic() < end:  # traffic for the panels, good and bad
+                c.post(
+                    "/segment", content=image_bytes(64, 80), headers={"Content-Type": "image/png"}
+                )
+                c.post(
+                    "/segment",
+                    content=image_bytes(100, 90, "JPEG"),
+                    headers={"Content-Type": "image/jpeg"},
+                )
+                c.post("/segment", content=b"junk", headers={"Content-Type": "image/png"})
+        wait_for(
+            lambda: query(api, "segserve:request_duration_seconds:p95_5m")["result"],
+            30,
+            tmp / "prometheus.log",
+        )
+        yield api, server_cm, server, tmp
+    finally:
+        server_cm.__exit__(None, None, None)
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+        receiver.shutdown()
+
+
+def wait_for(condition, seconds: float, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    up = httpx.get(
-                        f"{api}/query", params={"query": 'up{job="segserve"}'}, timeout=2
-                    ).json()
-                    if up["data"]["result"] and up["data"]["result"][0]["value"][1] == "1":
-                        break
-                except (httpx.HTTPError, ValueError, KeyError):
-                    pass
-                assert proc.poll() is None, (tmp / "prometheus.log").read_text()
-                assert time.monotonic() < deadline, "prometheus never scraped segserve"
-                time.sleep(0.5)
-            # Traffic for the panels: good requests of two sizes and a few bad ones.
-            with server.client() as c:
-                end = time.monotonic() + 6
-                while time.monotonic() < end:
-                    c.post(
-                        "/segment",
-                        content=image_bytes(64, 80),
-                        headers={"Content-Type": "image/png"},
-                    )
-                    c.post(
-                        "/segment",
-                        content=image_bytes(100, 90, "JPEG"),
-                        headers={"Content-Type": "image/jpeg"},
-                    )
-                    c.post("/segment", content=b"junk", headers={"Content-Type": "image/png"})
-            time.sleep(3)  # two more scrapes
-            yield api
-        finally:
-            proc.terminate()
-            proc.wait(30)
+            if condition():
+                return
+        except (httpx.HTTPError, ValueError, KeyError, IndexError):
+            pass
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
 
 
 def query(api: str, expr: str) -> dict:
@@ -262,29 +452,41 @@ def query(api: str, expr: str) -> dict:
     return body["data"]
 
 
-def test_every_dashboard_and_alert_expression_evaluates_in_prometheus(prometheus_and_segserve):
-    api = prometheus_and_segserve
-    for _title, expr in dashboard_queries():
-        query(api, grafana_to_promql(expr))
-    for group in yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())["groups"]:
-        for rule in group["rules"]:
-            query(api, rule["expr"])
-    rules = httpx.get(f"{api}/rules", timeout=10).json()["data"]["groups"]
-    assert sum(len(g["rules"]) for g in rules) == 4
-    assert all(r["health"] == "ok" for g in rules for r in g["rules"]), rules
-
-
-def test_segserve_panels_return_data(prometheus_and_segserve):
-    api = prometheus_and_segserve
+def test_every_rule_and_dashboard_query_evaluates_and_the_segserve_panels_have_data(stack):
+    api = stack[0]
     empty = []
     for title, expr in dashboard_queries():
-        if "DCGM" in expr:  # no GPU here: dcgm-exporter's panels stay empty
-            continue
-        if not query(api, grafana_to_promql(expr))["result"]:
+        result = query(api, grafana_to_promql(expr))["result"]
+        if not result and "DCGM" not in expr:  # no GPU here: DCGM's panels stay empty
             empty.append(title)
     assert not empty, f"panels without data: {empty}"
-    statuses = {
-        r["metric"]["status"]
-        for r in query(api, 'sum by (status) (segserve_requests_total{route="/segment"})')["result"]
-    }
+    groups = httpx.get(f"{api}/rules", timeout=10).json()["data"]["groups"]
+    assert sum(len(g["rules"]) for g in groups) == len(rules())
+    assert all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
+    firing = [
+        a
+        for a in httpx.get(f"{api}/alerts", timeout=10).json()["data"]["alerts"]
+        if a["state"] == "firing"
+    ]
+    assert firing == [], firing  # a CPU stack: no DCGM target, no GPU alert
+    statuses = {r["metric"]["status"] for r in query(api, "segserve:requests:rate5m")["result"]}
     assert {"200", "400"} <= statuses
+
+
+def test_a_stopped_segserve_fires_target_down_and_it_reaches_the_receiver(stack):
+    api, server_cm, server, tmp = stack
+    server.proc.terminate()
+    server.proc.wait(60)
+    wait_for(lambda: query(api, 'up{job="segserve"} == 0')["result"], 30, tmp / "prometheus.log")
+    assert rules()["SegserveTargetDown"]["for"] == "1m"  # as shipped; 0s in this test's copy
+    wait_for(lambda: any(a["labels"]["alertname"] == "SegserveTargetDown" and a["state"] in ("pending", "firing")
+                         for a in httpx.get(f"{api}/alerts", timeout=10).json()["data"]["alerts"]), 30, tmp / "prometheus.log")  # fmt: skip
+    wait_for(lambda: any(a["labels"]["alertname"] == "SegserveTargetDown"
+                         for msg in Receiver.received for a in msg["alerts"]), 120, tmp / "am.log")  # fmt: skip
+    message = next(
+        m
+        for m in Receiver.received
+        if m["alerts"][0]["labels"]["alertname"] == "SegserveTargetDown"
+    )
+    assert message["status"] == "firing"
+    assert message["alerts"][0]["annotations"]["runbook"].endswith("#segservetargetdown")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import image_bytes, run_server
+from helpers import free_port, image_bytes, run_server
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +263,17 @@ def test_liveness_answers_quickly_while_the_model_is_busy(guarded):
         t.join(60)
     # The target is 50 ms; the margin is for a 2-core machine that also runs this load.
     assert len(latencies) > 20 and max(latencies) < 0.5, max(latencies)
+
+
+def test_a_provider_named_but_missing_stops_the_server_and_auto_says_which_it_runs_on(
+    tiny_repository, tmp_path
+):
+    env = {**os.environ, "SEGSERVE_REPOSITORY": str(tiny_repository), "SEGSERVE_PROVIDERS": "cuda",
+           "SEGSERVE_WARMUP_SHAPES": "32x32"}  # fmt: skip
+    cmd = [sys.executable, "-m", "segserve.cli", "serve", "--port", str(free_port())]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "provider cuda is not in this onnxruntime build" in result.stdout + result.stderr
+    with run_server(tiny_repository, tmp_path, providers="auto") as server:
+        ready = httpx.get(server.url + "/readyz").json()
+        assert ready["providers"] == ["cpu"]

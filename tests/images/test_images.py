@@ -1,0 +1,222 @@
+"""The images, built and run: the CPU image serves read-only, non-root, without
+capabilities, drains on SIGTERM and runs the shipped monitoring without an alert; the GPU
+image's CUDA library chain resolves but for the driver, and it refuses to start on CUDA
+without one. Run by `make test-images`; figures go to .bench/images-report.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from dockerd import CACHE, build
+
+from helpers import free_port, image_bytes
+
+pytestmark = pytest.mark.images
+REPORT = CACHE / "images-report.json"
+
+
+def report(**entries) -> None:
+    data = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+    data.update(entries)
+    REPORT.write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture(scope="module")
+def models(tiny_repository) -> Path:
+    """The test repository where the image's uid 10001 can read it."""
+    target = CACHE / "images-models"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(tiny_repository, target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
+
+
+@pytest.fixture(scope="module")
+def cpu_image(docker, base_image) -> dict:
+    info = build(docker, base_image, "docker/Dockerfile.cpu", "segserve:cpu-test")
+    report(cpu_image=info)
+    return info
+
+
+@pytest.fixture(scope="module")
+def gpu_image(docker, base_image) -> dict:
+    info = build(docker, base_image, "docker/Dockerfile.gpu", "segserve:gpu-test")
+    report(gpu_image=info)
+    return info
+
+
+@pytest.fixture(scope="module")
+def cpu_container(docker, cpu_image, models):
+    port = free_port()
+    name = f"segserve-cpu-{port}"
+    docker("run", "-d", "--name", name, "--network=host", "--read-only", "--cap-drop=ALL",
+           "--security-opt=no-new-privileges", "--tmpfs=/tmp:size=64m", "-v", f"{models}:/models:ro",
+           "-e", "SEGSERVE_WARMUP_SHAPES=64x64", "-e", "SEGSERVE_METRICS_TOKEN=scrape",
+           "-e", "SEGSERVE_API_KEY=key", cpu_image["tag"], "--port", str(port))  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(docker("logs", name, check=False).stdout[-3000:])
+        time.sleep(0.5)
+    yield name, url
+    docker("rm", "-f", name, check=False)
+
+
+def test_the_cpu_image_serves_read_only_as_a_non_root_user_without_capabilities(
+    docker, cpu_container
+):
+    name, url = cpu_container
+    inspect = json.loads(docker("inspect", name).stdout)[0]
+    assert inspect["HostConfig"]["ReadonlyRootfs"] and inspect["HostConfig"]["CapDrop"] == ["ALL"]
+    assert docker("exec", name, "id", "-u").stdout.strip() == "10001"
+    r = httpx.post(url + "/segment", content=image_bytes(96, 128, "JPEG"),
+                   headers={"Content-Type": "image/jpeg", "Authorization": "Bearer key"}, timeout=60)  # fmt: skip
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    health = docker("inspect", "-f", "{{.State.Health.Status}}", name, check=False).stdout.strip()
+    assert health in ("starting", "healthy")  # the image's HEALTHCHECK on /healthz
+    assert docker("exec", name, "python3", "-c", "import torch", check=False).returncode != 0
+
+
+def test_the_shipped_monitoring_has_no_firing_alert_against_a_cpu_stack(cpu_container, tmp_path):
+    """Prometheus with the shipped config and rules (targets on loopback), two minutes of
+    evaluation with traffic running: nothing fires (no GPU target on a CPU stack)."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("Debian's prometheus package is needed")
+    from test_deploy import local_prometheus_config
+
+    _, url = cpu_container
+    port = free_port()
+    config = local_prometheus_config(
+        tmp_path, url.removeprefix("http://"), "127.0.0.1:1", port, "scrape"
+    )
+    settings = yaml.safe_load(config.read_text())
+    settings["global"]["evaluation_interval"] = "5s"
+    config.write_text(yaml.safe_dump(settings))
+    proc = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=(tmp_path / "p.log").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    stop = time.monotonic() + 125
+
+    def traffic():
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer key"}) as c:
+            while time.monotonic() < stop:
+                c.post(
+                    "/segment", content=image_bytes(64, 64), headers={"Content-Type": "image/png"}
+                )
+                time.sleep(0.2)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        firing = []
+        while time.monotonic() < stop:
+            time.sleep(5)
+            try:
+                alerts = httpx.get(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=5).json()[
+                    "data"
+                ]["alerts"]
+            except httpx.HTTPError:
+                continue
+            firing += [a["labels"]["alertname"] for a in alerts if a["state"] == "firing"]
+        up = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/query", params={"query": 'up{job="segserve"}'}
+        ).json()
+    finally:
+        worker.join(60)
+        proc.terminate()
+        proc.wait(30)
+    assert up["data"]["result"][0]["value"][1] == "1"  # it really scraped, with the token
+    assert firing == []
+    report(monitoring_cpu_stack={"seconds": 125, "firing": firing})
+
+
+def test_sigterm_drains_the_cpu_container_and_it_exits(docker, cpu_container):
+    name, url = cpu_container
+    results: list = []
+
+    def send():
+        try:
+            r = httpx.post(url + "/segment", content=image_bytes(512, 512),
+                           headers={"Content-Type": "image/png", "Authorization": "Bearer key"}, timeout=60)  # fmt: skip
+            results.append(r.status_code)
+        except httpx.HTTPError as exc:
+            results.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while inflight(url) < len(threads) + 1 and time.monotonic() < deadline:  # + this scrape
+        time.sleep(0.01)
+    stopped = docker("stop", "-t", "40", name)
+    for t in threads:
+        t.join(60)
+    code = int(docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout)
+    logs = docker("logs", name, check=False)
+    assert stopped.returncode == 0 and results == [200] * 6, (results, logs.stdout[-2000:])
+    assert "Finished server process" in logs.stdout + logs.stderr
+    report(cpu_sigterm_exit_code=code)
+
+
+def inflight(url: str) -> float:
+    text = httpx.get(url + "/metrics", headers={"Authorization": "Bearer scrape"}, timeout=5).text
+    return next(float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("segserve_inflight_requests "))  # fmt: skip
+
+
+GPU_CHECK = r"""
+import glob, os, subprocess
+import onnxruntime as ort
+ort.preload_dlls()
+base = os.path.dirname(ort.__file__)
+site = os.path.dirname(base)
+libs = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "*.so*")))
+paths = sorted({os.path.dirname(p) for p in libs}) + [os.path.join(base, "capi")]
+env = dict(os.environ, LD_LIBRARY_PATH=":".join(paths))
+provider = os.path.join(base, "capi", "libonnxruntime_providers_cuda.so")
+for lib in [provider] + libs:  # the provider, and what it loads at run time (cuDNN's parts)
+    print("@@", os.path.basename(lib))
+    print(subprocess.run(["ldd", lib], env=env, capture_output=True, text=True).stdout)
+"""
+
+
+def test_the_gpu_images_cuda_chain_resolves_but_for_the_driver(docker, gpu_image):
+    out = docker("run", "--rm", "--entrypoint", "python3", gpu_image["tag"], "-c", GPU_CHECK).stdout
+    checked = [line[3:] for line in out.splitlines() if line.startswith("@@ ")]
+    links = [line.strip() for line in out.splitlines() if "=>" in line]
+    missing = sorted({line.split()[0] for line in links if "not found" in line})
+    resolved = sorted({line.split()[0] for line in links if "not found" not in line})
+    cuda = sorted({lib for lib in checked + resolved if lib.startswith(("libcu", "libnv"))})
+    report(gpu_ldd={"libraries_checked": len(checked), "missing": missing, "cuda_libraries": cuda})
+    assert missing == ["libcuda.so.1"], out
+    assert any(lib.startswith("libcudnn") for lib in checked)
+    assert any(lib.startswith("libcublas") for lib in resolved)
+    assert docker("run", "--rm", "--entrypoint", "python3", gpu_image["tag"], "-c", "import torch",
+                  check=False).returncode != 0  # fmt: skip
+
+
+def test_the_gpu_image_refuses_to_serve_on_cuda_without_a_driver(docker, gpu_image, models):
+    result = docker("run", "--rm", "--network=host", "-v", f"{models}:/models:ro",
+                    "-e", "SEGSERVE_WARMUP_SHAPES=32x32", gpu_image["tag"], "--port", str(free_port()),
+                    check=False, timeout=300)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "CUDAExecutionProvider did not load" in output and "libcuda.so.1" in output
+    report(gpu_without_driver={"exit_code": result.returncode,
+                               "message": next(line for line in output.splitlines() if "did not load" in line)})  # fmt: skip
