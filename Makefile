@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
 
-.PHONY: setup tools run test test-images lint bootstrap bench-peers clean
+.PHONY: setup tools run test test-images screenshots lint bootstrap bench-peers clean
 
 # torch and torchvision go through pip on their own, pinned: pip takes them from this
 # machine's disk; the rest of the project installs with its train and dev extras.
@@ -28,13 +28,15 @@ run: setup
 bootstrap: setup
 	$(VENV)/bin/segserve bootstrap --repository $(REPOSITORY)
 
-# Prometheus and Alertmanager (real servers and their checkers for the monitoring tests) from
-# Debian's packages.
+# From Debian's packages, for the tests: Prometheus and Alertmanager (real servers and their
+# checkers for the monitoring tests), chromium and its driver (the web page in a browser).
 tools:
-	@command -v promtool >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1 || { \
-		echo "installing Debian's prometheus and prometheus-alertmanager packages (for the tests)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null; \
-	} || echo "warning: could not install prometheus; its tests will be skipped"
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1 \
+		&& command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+		echo "installing Debian's prometheus, prometheus-alertmanager, chromium and chromium-driver (for the tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			prometheus prometheus-alertmanager chromium chromium-driver >/dev/null; \
+	} || echo "warning: could not install the test tools; their tests will be skipped"
 
 test: setup tools
 	$(PY) -m pytest -q
@@ -44,6 +46,12 @@ test: setup tools
 test-images: setup tools
 	$(PY) -m pytest -m images tests/images -v -p no:cacheprovider
 	@cat .bench/images-report.json
+
+# The browser tests against the default model, saving what chromium showed into docs/images
+# (the pictures the README shows).
+screenshots: bootstrap tools
+	SEGSERVE_SCREENSHOTS=docs/images SEGSERVE_BROWSER_REPOSITORY=$(REPOSITORY) \
+		$(PY) -m pytest -q tests/test_browser.py -p no:cacheprovider
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from segserve.service.core import InferenceService
 from segserve.service.errors import install_error_handlers
 from segserve.service.middleware import RequestMiddleware
-from segserve.service.routes import docs, health, models, segment, v2
+from segserve.service.routes import docs, health, models, page, segment, v2
 from segserve.service.settings import Settings
 
 
@@ -39,6 +39,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.add_middleware(RequestMiddleware, metrics=service.metrics)
     install_error_handlers(app)
-    for module in (segment, models, health, v2, docs):
+    for module in (segment, models, health, v2, docs, page):
         app.include_router(module.router)
     return app

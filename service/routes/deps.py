@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from segserve.service.core import InferenceService
 from segserve.service.errors import ServiceError
@@ -26,12 +27,32 @@ async def get_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(get_service)]
 
 
-def bearer_matches(request: Request, *keys: str | None) -> bool:
+# The schemes, as the API description states them (routes/docs.py keeps them only where
+# the settings make them needed); auto_error off: a missing key is our own 401 below.
+API_KEY = HTTPBearer(
+    auto_error=False, scheme_name="apiKey", description="the server's API key (SEGSERVE_API_KEY)"
+)
+METRICS_KEY = HTTPBearer(
+    auto_error=False,
+    scheme_name="metricsKey",
+    description="the API key or the metrics token (SEGSERVE_METRICS_TOKEN)",
+)
+Bearer = HTTPAuthorizationCredentials | None
+
+
+def bearer_matches(credentials: Bearer, *keys: str | None) -> bool:
     """`Authorization: Bearer T` with T one of `keys` (compared in constant time)."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and any(
-        k is not None and hmac.compare_digest(token.encode(), k.encode()) for k in keys
+    return credentials is not None and any(
+        k is not None and hmac.compare_digest(credentials.credentials.encode(), k.encode())
+        for k in keys
     )
+
+
+def bearer_of(request: Request) -> Bearer:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
 
 
 def unauthorized(what: str) -> ServiceError:
@@ -41,25 +62,31 @@ def unauthorized(what: str) -> ServiceError:
     )  # fmt: skip
 
 
-async def authorize(request: Request) -> None:
+async def authorize(request: Request, credentials: Annotated[Bearer, Security(API_KEY)]) -> None:
     """With an API key set: `Authorization: Bearer KEY` or 401."""
     key = service_of(request).settings.api_key
-    if key is not None and not bearer_matches(request, key):
+    if key is not None and not bearer_matches(credentials, key):
         raise unauthorized("API key")
 
 
-async def authorize_metrics(request: Request) -> None:
+async def authorize_metrics(
+    request: Request, credentials: Annotated[Bearer, Security(METRICS_KEY)]
+) -> None:
     """With an API key set and metrics not public: the key or the metrics token."""
     s = service_of(request).settings
     open_ = s.api_key is None or s.public_metrics
-    if not open_ and not bearer_matches(request, s.api_key, s.metrics_token):
+    if not open_ and not bearer_matches(credentials, s.api_key, s.metrics_token):
         raise unauthorized("API key or metrics token")
 
 
 async def authorize_docs(request: Request) -> None:
     """With an API key set and docs not public: the key, for the API description."""
     s = service_of(request).settings
-    if s.api_key is not None and not s.public_docs and not bearer_matches(request, s.api_key):
+    if (
+        s.api_key is not None
+        and not s.public_docs
+        and not bearer_matches(bearer_of(request), s.api_key)
+    ):
         raise unauthorized("API key (or set SEGSERVE_PUBLIC_DOCS=true)")
 
 

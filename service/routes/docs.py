@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -67,6 +67,31 @@ async def redoc() -> HTMLResponse:
     )  # fmt: skip
 
 
+def api_document(app: FastAPI) -> dict:
+    """The OpenAPI document of this server, built once. FastAPI states a bearer scheme on every
+    operation behind a key; here they stay only where this server's settings need one."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = app.openapi()
+    s = app.state.service.settings
+    dropped = {"apiKey", "metricsKey"} if s.api_key is None else set()
+    if s.public_metrics:
+        dropped.add("metricsKey")
+    schemes = spec.get("components", {}).get("securitySchemes", {})
+    for name in dropped:
+        schemes.pop(name, None)
+    if not schemes:
+        spec.get("components", {}).pop("securitySchemes", None)
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            kept = [r for r in operation.get("security", []) if not dropped & set(r)]
+            if kept:
+                operation["security"] = kept
+            else:
+                operation.pop("security", None)
+    return spec
+
+
 @router.get("/openapi.json", dependencies=[Depends(authorize_docs)])
 async def openapi(request: Request) -> JSONResponse:
-    return JSONResponse(request.app.openapi())
+    return JSONResponse(api_document(request.app))

@@ -7,16 +7,21 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from segserve.service.routes.deps import Service, authorize_metrics
+from segserve.service.schemas import METRICS_RESPONSE, ErrorBody, Live, Ready
 
 router = APIRouter()
 
 
 @router.get("/healthz")
-async def healthz() -> dict:
-    return {"status": "ok"}
+async def healthz() -> Live:
+    """Liveness: the process answers (it never waits for models or the queue)."""
+    return Live()
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={200: {"model": Ready}, 503: {"model": ErrorBody, "description": "not ready"}},
+)
 async def readyz(service: Service) -> JSONResponse:
     """Ready when the default model and every required one is loaded and warm."""
     reason = service.unready_reason()
@@ -29,8 +34,14 @@ async def readyz(service: Service) -> JSONResponse:
     )
 
 
-@router.get("/metrics", dependencies=[Depends(authorize_metrics)])
+@router.get(
+    "/metrics",
+    dependencies=[Depends(authorize_metrics)],
+    response_class=Response,
+    responses=METRICS_RESPONSE,
+)
 async def metrics(service: Service) -> Response:
+    """Prometheus metrics (open, or behind the API key or metrics token: see settings)."""
     for m in service.registry.all():
         service.metrics.queue_depth.labels(m.name).set(m.batcher.depth)
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

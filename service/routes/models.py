@@ -8,6 +8,7 @@ from fastapi.responses import Response
 from segserve.service.legend import legend_png
 from segserve.service.registry import ServedModel
 from segserve.service.routes.deps import Service, authorize, use_model
+from segserve.service.schemas import ModelDetail, ModelListing, errors, png
 
 router = APIRouter(dependencies=[Depends(authorize)])
 
@@ -35,10 +36,11 @@ def model_summary(m: ServedModel, versions: list[int]) -> dict:
     }
 
 
-@router.get("/models")
-async def list_models(service: Service) -> dict:
+@router.get("/models", responses=errors(401))
+async def list_models(service: Service) -> ModelListing:
+    """The models served, the default one, and the versions that failed to load."""
     registry = service.registry
-    return {
+    return {  # type: ignore[return-value]  (validated into ModelListing by FastAPI)
         "default": registry.default_name,
         "models": [model_summary(m, registry.versions(m.name)) for m in registry.all()],
         "failed": [
@@ -47,18 +49,25 @@ async def list_models(service: Service) -> dict:
     }
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses=errors(401, 404, 422))
 async def get_model(
     request: Request,
     service: Service,
     name: str,
     version: int | None = Query(None, ge=1),
-) -> dict:
+) -> ModelDetail:
+    """One model (the newest version unless `version`), with its whole card."""
     m = use_model(request, name, version)
     return {**model_summary(m, service.registry.versions(m.name)), "card": m.card.as_dict()}
 
 
-@router.get("/models/{name}/palette.png")
-async def palette_png(request: Request, name: str, version: int | None = Query(None, ge=1)):
+@router.get(
+    "/models/{name}/palette.png",
+    response_class=Response,
+    responses={200: png("the legend: each class's colour and name"), **errors(401, 404, 422)},
+)
+async def palette_png(
+    request: Request, name: str, version: int | None = Query(None, ge=1)
+) -> Response:
     m = use_model(request, name, version)
     return Response(legend_png(m.card.class_names, m.card.palette), media_type="image/png")

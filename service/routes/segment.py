@@ -20,6 +20,7 @@ from segserve.service.routes.deps import (
     use_model,
     wait_for_disconnect,
 )
+from segserve.service.schemas import IMAGE_BODY, SEGMENT_RESPONSES
 
 router = APIRouter(dependencies=[Depends(authorize)])
 
@@ -47,10 +48,21 @@ class SegmentParams(BaseModel):
     )
 
 
-@router.post("/segment")
+@router.post(
+    "/segment",
+    summary="Segment one image",
+    response_class=Response,
+    responses=SEGMENT_RESPONSES,
+    openapi_extra=IMAGE_BODY,
+)
 async def segment(
     request: Request, service: Service, params: Annotated[SegmentParams, Query()]
 ) -> Response:
+    """The image's labels: a label PNG (one palette index per pixel, the model's colours),
+    the image with its classes overlaid, or JSON with the classes present, their shares,
+    the label PNG and, on request, a mask per class. Images above the server's
+    `max_inference_pixels` run scaled down and are answered at their own size
+    (X-Inference-Size says at what size the network ran)."""
     served = use_model(request, params.model, params.version)
     try:
         mask_ids = parse_masks(params.masks, served.card)

@@ -22,6 +22,7 @@ from segserve.service.routes.deps import (
     use_model,
     wait_for_disconnect,
 )
+from segserve.service.schemas import V2_BODY, V2_RESPONSES, errors
 from segserve.service.v2 import (
     HEADER_LENGTH,
     InferRequest,
@@ -45,13 +46,13 @@ async def ready(service: Service) -> Response:
     return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
 
-@guarded.get("")
+@guarded.get("", responses=errors(401))
 async def server_metadata() -> dict:
     return {"name": "segserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
 
-@guarded.get("/models/{name}")
-@guarded.get("/models/{name}/versions/{version}")
+@guarded.get("/models/{name}", responses=errors(401, 404, 422))
+@guarded.get("/models/{name}/versions/{version}", responses=errors(401, 404, 422))
 async def metadata(
     request: Request, service: Service, name: str, version: int | None = None
 ) -> dict:
@@ -59,8 +60,8 @@ async def metadata(
     return model_metadata(name, service.registry.versions(name))
 
 
-@guarded.get("/models/{name}/ready")
-@guarded.get("/models/{name}/versions/{version}/ready")
+@guarded.get("/models/{name}/ready", responses=errors(401, 404, 422))
+@guarded.get("/models/{name}/versions/{version}/ready", responses=errors(401, 404, 422))
 async def model_ready(request: Request, name: str, version: int | None = None) -> Response:
     model = use_model(request, name, version)
     return JSONResponse(
@@ -92,14 +93,17 @@ def _response(model: ServedModel, req: InferRequest, labels: list[np.ndarray]) -
     return JSONResponse(response)
 
 
-@guarded.post("/models/{name}/infer")
-@guarded.post("/models/{name}/versions/{version}/infer")
+@guarded.post("/models/{name}/infer", responses=V2_RESPONSES, openapi_extra=V2_BODY)
+@guarded.post(
+    "/models/{name}/versions/{version}/infer", responses=V2_RESPONSES, openapi_extra=V2_BODY
+)
 async def infer(
     request: Request,
     service: Service,
     name: str,
     version: int | None = None,
 ) -> Response:
+    """Open Inference Protocol infer (tritonclient's HTTP client works unchanged)."""
     model = use_model(request, name, version)
     s = service.settings
     body = await read_capped(request, s.max_body_bytes, deadline_of(request), s.idle_timeout_s)

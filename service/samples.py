@@ -1,0 +1,26 @@
+"""Sample images for the web page: a few pictures of the synthetic shapes data set (what
+the default model is trained on), drawn from a seed the training set never uses, so a person
+can try the service without an image of their own. Rendered once, on first request."""
+
+from __future__ import annotations
+
+import io
+from functools import cache
+
+from segserve.training.synth import SynthConfig, render_sample
+
+SEED = 20150607  # not a training seed (bootstrap trains on seed 0)
+COUNT = 4
+
+
+@cache
+def samples() -> dict[str, bytes]:
+    """name -> JPEG bytes."""
+    config = SynthConfig(count=COUNT, seed=SEED, min_size=320, max_size=480)
+    out = {}
+    for i in range(COUNT):
+        image, _ = render_sample(config, i)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        out[f"shapes-{i + 1}.jpg"] = buffer.getvalue()
+    return out
