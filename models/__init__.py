@@ -17,15 +17,16 @@ from segserve.models.vgg import (
 def build_model(name: str, num_classes: int, **opts) -> nn.Module:
     """Build a network by name.
 
-    FCN options: `backbone_weights` = None | "imagenet" | path of a VGG16 state dict.
+    FCN options: `backbone_weights` = None | "imagenet" | path of a VGG16 state dict;
+    `at_once` (FCN-16s/8s trained in one go: the authors' fixed skip scaling).
     U-Net options: `width` (64 = the paper), `batch_norm`.
     """
     if name in FCN_STRIDES:
-        unknown = set(opts) - {"backbone_weights"}
+        unknown = set(opts) - {"backbone_weights", "at_once"}
         if unknown:
             raise TypeError(f"{name} takes no options {sorted(unknown)}")
-        model = FCN(num_classes, FCN_STRIDES[name])
-        if opts.get("backbone_weights"):
+        model = FCN(num_classes, FCN_STRIDES[name], at_once=opts.get("at_once", False))
+        if opts.get("backbone_weights") not in (None, "none"):
             convolutionalize_vgg16(model, load_vgg16_state_dict(opts["backbone_weights"]))
         return model
     if name == "unet":

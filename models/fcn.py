@@ -85,22 +85,34 @@ class FCNHead(nn.Module):
         return self.drop7(torch.relu(self.fc7(x)))
 
 
+# voc-fcn8s-atonce: pool4 and pool3 are scaled by fixed constants before their scores, so
+# that all three streams start on the same footing when trained at once rather than staged.
+AT_ONCE_SKIP_SCALES = {"pool4": 0.01, "pool3": 0.0001}
+
+
 class FCN(nn.Module):
     """The three FCN variants; `stride` 32, 16 or 8 picks how many skips are fused.
 
-    score_pool4 / score_pool3 start at zero, so a net built from a coarser one computes
-    exactly what that one did until training moves the new weights.
+    Every score layer starts at zero, as in the authors' nets (Caffe's default filler):
+    score_fr, and score_pool4 / score_pool3, so a net built from a coarser one computes
+    exactly what that one did until training moves the new weights. `at_once` (FCN-16s/8s
+    trained in one go, voc-fcn8s-atonce) scales the skips by fixed constants.
     """
 
-    def __init__(self, num_classes: int, stride: int = 8) -> None:
+    def __init__(self, num_classes: int, stride: int = 8, at_once: bool = False) -> None:
         super().__init__()
         if stride not in (32, 16, 8):
             raise ValueError(f"FCN stride must be 32, 16 or 8, not {stride}")
         self.stride = stride
         self.num_classes = num_classes
+        self.at_once = at_once and stride < 32
+        scales = AT_ONCE_SKIP_SCALES if self.at_once else {"pool4": 1.0, "pool3": 1.0}
+        self.pool4_scale, self.pool3_scale = scales["pool4"], scales["pool3"]
         self.features = VGG16Features()
         self.head = FCNHead()
         self.score_fr = nn.Conv2d(4096, num_classes, 1)
+        nn.init.zeros_(self.score_fr.weight)
+        nn.init.zeros_(self.score_fr.bias)
         if stride <= 16:
             self.score_pool4 = nn.Conv2d(512, num_classes, 1)
             self.upscore2 = bilinear_upsampler(num_classes, 2, learnable=True)
@@ -121,10 +133,10 @@ class FCN(nn.Module):
         score = self.score_fr(self.head(pool5))
         if self.stride <= 16:
             score = self.upscore2(score)
-            score = score + crop_like(self.score_pool4(pool4), 5, score)
+            score = score + crop_like(self.score_pool4(pool4 * self.pool4_scale), 5, score)
         if self.stride == 8:
             score = self.upscore_pool4(score)
-            score = score + crop_like(self.score_pool3(pool3), 9, score)
+            score = score + crop_like(self.score_pool3(pool3 * self.pool3_scale), 9, score)
         return crop_like(self.upscore(score), self.final_offset, image)
 
 

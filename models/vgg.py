@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,7 +41,28 @@ def load_vgg16_state_dict(source: str) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" in state:
         state = state["state_dict"]
+    if looks_like_caffe_vgg16(state, path.name):
+        warnings.warn(CAFFE_WARNING.format(path=path), stacklevel=2)
     return state
+
+
+CAFFE_WARNING = (
+    "{path} looks like a Caffe-converted VGG16 (e.g. pytorch-fcn's vgg16_from_caffe.pth): "
+    "those expect BGR pixels on a 0..255 scale minus the mean, while segserve feeds RGB "
+    "normalised by ImageNet's mean and std, as torchvision's weights expect. Training will "
+    "start from a mis-fed backbone; use torchvision's vgg16-397923af.pth (--backbone-weights "
+    "imagenet) instead."
+)
+# Caffe's VGG16 sees inputs ~58x larger (0..255 minus the mean, no division by the std), so
+# its first filters are ~58x smaller than torchvision's; a heuristic, said as one.
+CAFFE_CONV1_STD = 0.02
+
+
+def looks_like_caffe_vgg16(state: dict[str, torch.Tensor], name: str = "") -> bool:
+    """True when the first conv's weights are on Caffe's scale, or the file says 'caffe'."""
+    conv1 = state.get("features.0.weight")
+    small = conv1 is not None and float(conv1.float().std()) < CAFFE_CONV1_STD
+    return small or "caffe" in name.lower()
 
 
 def convolutionalize_vgg16(fcn: FCN, vgg_state: dict[str, torch.Tensor]) -> FCN:

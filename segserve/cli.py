@@ -17,50 +17,63 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--data", required=True, help="VOC-layout folder (segserve data synth makes one)"
+        "--data", required=True, help="VOC-layout folder (segserve data synth / data sbd make one)"
     )
-    p.add_argument("--model", required=True, choices=MODEL_NAMES)
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="the network to train")
     p.add_argument(
-        "--out",
-        required=True,
-        type=Path,
+        "--out", required=True, type=Path,
         help="run folder: last.pt, best.pt, metrics.csv, config.json",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=30, help="passes over the training set")
+    recipe = p.add_argument_group(
+        "recipe", "left out: the architecture's and stage's defaults (training/recipes.py): "
+        "FCN as the authors' solvers (SGD, momentum 0.99, batch 1, whole images, fixed rate, "
+        "biases 2x without decay, 100x lower rate per finer stage); U-Net SGD 0.9, poly decay",
+    )  # fmt: skip
+    recipe.add_argument("--batch-size", type=int, default=None, help="images per step")
+    recipe.add_argument(
+        "--crop-size", type=int, default=None, help="square training crop (padded with ignore)"
     )
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--crop-size", type=int, default=256, help="square training crop (padded with ignore)"
+    recipe.add_argument(
+        "--scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+        help="random rescaling range before the crop",
+    )  # fmt: skip
+    recipe.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimiser")
+    recipe.add_argument(
+        "--lr", type=float, default=None,
+        help="base learning rate (for the loss as --loss computes it; AdamW: 0.001)",
+    )  # fmt: skip
+    recipe.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+    recipe.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay")
+    recipe.add_argument(
+        "--poly-power", type=float, default=None,
+        help="lr = base * (1 - it/total) ** power; 0 keeps the rate fixed",
+    )  # fmt: skip
+    recipe.add_argument(
+        "--loss", choices=("mean", "sum"), default=None,
+        help="cross-entropy over labelled pixels: mean, or sum as the authors' Caffe nets "
+        "(the same step needs the rate times the pixel count; see training/recipes.py)",
+    )  # fmt: skip
+    recipe.add_argument(
+        "--bias-lr-mult", type=float, default=None, help="biases learn at this times the rate"
     )
-    p.add_argument(
-        "--scale",
-        type=float,
-        nargs=2,
-        default=(0.5, 2.0),
-        metavar=("LOW", "HIGH"),
-        help="random scale range",
-    )
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    p.add_argument("--lr", type=float, default=None, help="default: 0.01 for sgd, 0.001 for adamw")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument(
-        "--poly-power", type=float, default=0.9, help="lr = base * (1 - it/total) ** power"
-    )
+    recipe.add_argument(
+        "--bias-decay", action=argparse.BooleanOptionalAction, default=None,
+        help="apply weight decay to biases",
+    )  # fmt: skip
     p.add_argument(
         "--width", type=int, default=64, help="U-Net width (64 = the paper; 16 or 8 on a CPU)"
     )
     p.add_argument("--batch-norm", action="store_true", help="U-Net: batch norm after each conv")
     p.add_argument(
-        "--backbone-weights",
-        default=None,
-        help="FCN: 'imagenet' (torchvision) or a VGG16 state-dict file",
-    )
+        "--backbone-weights", default=None,
+        help="FCN (required without --init-from): 'imagenet' (torchvision), a VGG16 "
+        "state-dict file, or 'none' to train from scratch knowingly",
+    )  # fmt: skip
     p.add_argument(
-        "--init-from",
-        type=Path,
-        default=None,
+        "--init-from", type=Path, default=None,
         help="staged FCN: a trained coarser FCN checkpoint (32s -> 16s -> 8s)",
-    )
+    )  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last.pt"
     )
@@ -68,26 +81,30 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--stop-after", type=int, default=None, metavar="N",
         help="train at most N epochs in this invocation, then exit (time-limited jobs; continue with --resume)",
     )  # fmt: skip
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="auto: CUDA when torch sees it (the local rank's under torchrun)",
+    )  # fmt: skip
+    p.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=True,
         help="mixed precision (CUDA only)",
-    )
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    )  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same run (on one device)")
     p.add_argument(
         "--max-train-images", type=int, default=None, help="use only the first N training images"
     )
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="progress bars and a line per epoch",
+    )  # fmt: skip
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="VOC-layout folder")
-    p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--split", default="val")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.pt)")
+    p.add_argument("--split", default="val", help="ImageSets/Segmentation/SPLIT.txt to score")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -109,6 +126,22 @@ def _data_synth(args: argparse.Namespace) -> int:
     for name, frac in summary["class_fraction"].items():
         print(f"{name:<12}{frac:>8.1%}")
     print(f"\nwrote {args.out} (VOC layout, classes.json beside it)")
+    return 0
+
+
+def _data_sbd(args: argparse.Namespace) -> int:
+    from segserve.training.sbd import SBDError, write_paper_split
+
+    try:
+        summary = write_paper_split(
+            args.sbd, args.voc, args.out, link=args.link, val_list=args.val_list
+        )
+    except SBDError as exc:
+        print(f"segserve data sbd: {exc}", file=sys.stderr)
+        return 1
+    for key, value in summary.items():
+        print(f"{key:<28}{value:>8}")
+    print(f"\nwrote {args.out} (VOC layout)")
     return 0
 
 
@@ -274,13 +307,38 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_sub.add_parser(
         "synth", help="write a synthetic VOC-layout data set", formatter_class=_Formatter
     )
-    synth.add_argument("--out", required=True, type=Path)
-    synth.add_argument("--count", required=True, type=int)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--min-size", type=int, default=160)
-    synth.add_argument("--max-size", type=int, default=512)
-    synth.add_argument("--val-fraction", type=float, default=0.2)
+    synth.add_argument("--out", required=True, type=Path, help="the folder to write")
+    synth.add_argument("--count", required=True, type=int, help="images in all (train + val)")
+    synth.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    synth.add_argument("--min-size", type=int, default=160, help="smallest image side, px")
+    synth.add_argument("--max-size", type=int, default=512, help="largest image side, px")
+    synth.add_argument(
+        "--val-fraction", type=float, default=0.2, help="share of the images in the val split"
+    )
     synth.set_defaults(func=_data_synth)
+
+    sbd = data_sub.add_parser(
+        "sbd",
+        help="the paper's training set: SBD train minus VOC2012 val, validated on seg11valid",
+        description="Reads a local SBD folder (benchmark_RELEASE/dataset: cls/*.mat, img/, "
+        "train.txt, val.txt) and a local VOC2012 folder, downloads nothing, and writes one "
+        "VOC-layout folder: train = SBD train + val minus every VOC2012 segmentation val "
+        "image; val = seg11valid (the VOC2011 segmentation val images not in SBD train).",
+        formatter_class=_Formatter,
+    )  # fmt: skip
+    sbd.add_argument("--sbd", required=True, type=Path, help="SBD's dataset/ folder")
+    sbd.add_argument("--voc", required=True, type=Path, help="VOC2012 folder (VOCdevkit/VOC2012)")
+    sbd.add_argument("--out", required=True, type=Path, help="the VOC-layout folder to write")
+    sbd.add_argument(
+        "--val-list", type=Path, default=None,
+        help="the val ids (e.g. the authors' seg11valid.txt with a VOC2012 folder); default: "
+        "the VOC folder's ImageSets/Segmentation/val.txt (VOC2011's gives seg11valid)",
+    )  # fmt: skip
+    sbd.add_argument(
+        "--link", action=argparse.BooleanOptionalAction, default=True,
+        help="hard-link JPEGs instead of copying them (when on the same file system)",
+    )  # fmt: skip
+    sbd.set_defaults(func=_data_sbd)
 
     train = sub.add_parser(
         "train", help="train FCN-32s/16s/8s or U-Net", formatter_class=_Formatter
@@ -297,9 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export", help="checkpoint -> ONNX in the model repository", formatter_class=_Formatter
     )
-    export.add_argument("--checkpoint", required=True, type=Path)
-    export.add_argument("--repository", required=True, type=Path)
-    export.add_argument("--name", required=True)
+    export.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint")
+    export.add_argument("--repository", required=True, type=Path, help="the model repository")
+    export.add_argument("--name", required=True, help="the model's name in the repository")
     export.add_argument("--version", type=int, default=None, help="default: one past the newest")
     export.add_argument(
         "--fp16", action="store_true", help="float16 weights and activations (and float input)"
@@ -359,10 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment image files with a model file, no server",
         formatter_class=_Formatter,
     )
-    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("images", nargs="+", type=Path, help="image files")
     predict.add_argument("--model", required=True, type=Path, help="PATH.onnx")
-    predict.add_argument("--out", required=True, type=Path)
-    predict.add_argument("--format", choices=("png", "overlay"), default="png")
+    predict.add_argument("--out", required=True, type=Path, help="folder for the results")
+    predict.add_argument(
+        "--format", choices=("png", "overlay"), default="png",
+        help="png: label PNG (palette mode); overlay: the image with class colours",
+    )  # fmt: skip
     predict.set_defaults(func=_predict)
 
     serve = sub.add_parser(
@@ -376,8 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: $SEGSERVE_REPOSITORY or model_repository",
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every one)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.set_defaults(func=_serve)
 
     bench = sub.add_parser(
@@ -435,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the default model unet-shapes when the repository has none",
         formatter_class=_Formatter,
     )
-    boot.add_argument("--repository", type=Path, default=Path("model_repository"))
+    boot.add_argument(
+        "--repository", type=Path, default=Path("model_repository"), help="the model repository"
+    )
     boot.add_argument("--work-dir", type=Path, default=Path("."), help="where data/ and runs/ go")
     boot.set_defaults(func=_bootstrap)
 

@@ -224,6 +224,7 @@ def test_eval_cli_prints_the_metrics_as_json(synth_root, tmp_path, capsys):
         "fw_iu",
         "per_class_iu",
         "num_images",
+        "pixels",
     }
     assert scores["num_images"] == len(VOCSegmentation(synth_root, "val"))
     assert scores["mean_iu"] == pytest.approx(

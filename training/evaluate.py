@@ -56,6 +56,7 @@ def evaluate(
         dist.all_reduce(stats)
     scores = segmentation_scores(matrix.cpu().numpy())
     scores["val_loss"] = float(stats[0] / max(stats[1], 1))
+    scores["pixels"] = int(matrix.sum())  # labelled pixels scored (every rank's, under DDP)
     scores["matrix"] = matrix.cpu().numpy()
     return scores
 

@@ -33,6 +33,7 @@ from segserve.training.checkpoint import (
 )
 from segserve.training.datasets import VOCSegmentation
 from segserve.training.evaluate import evaluate, resolve_device
+from segserve.training.recipes import defaults_for
 from segserve.training.transforms import EvalTransform, TrainTransform
 
 METRIC_COLUMNS = [
@@ -57,14 +58,18 @@ class TrainConfig:
     model: str
     out: Path
     epochs: int = 30
-    batch_size: int = 8
-    crop_size: int = 256
-    scale: tuple[float, float] = (0.5, 2.0)
-    optimizer: str = "sgd"
-    lr: float | None = None  # None: 0.01 for sgd, 0.001 for adamw
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
+    # None: the architecture's and stage's default (training/recipes.py), set on creation.
+    batch_size: int | None = None
+    crop_size: int | None = None
+    scale: tuple[float, float] | None = None
+    optimizer: str | None = None
+    lr: float | None = None  # None: the recipe's (0.001 for adamw where the recipe is sgd)
+    momentum: float | None = None
+    weight_decay: float | None = None
+    poly_power: float | None = None
+    loss: str | None = None  # "mean" over labelled pixels or "sum" (the authors' Caffe loss)
+    bias_lr_mult: float | None = None
+    bias_decay: bool | None = None
     width: int = 64
     batch_norm: bool = False
     backbone_weights: str | None = None
@@ -82,13 +87,19 @@ class TrainConfig:
         self.data, self.out = Path(self.data), Path(self.out)
         if self.init_from is not None:
             self.init_from = Path(self.init_from)
+        defaults = defaults_for(self.model, staged=self.init_from is not None)
+        if self.lr is None and self.optimizer not in (None, defaults["optimizer"]):
+            self.lr = 1e-3  # AdamW where the recipe is SGD: its usual rate, not SGD's
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.scale = tuple(self.scale)
+        if self.loss not in ("mean", "sum"):
+            raise ValueError(f"loss must be 'mean' or 'sum', not {self.loss!r}")
 
     @property
     def base_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 0.01 if self.optimizer == "sgd" else 1e-3
+        return self.lr
 
     @classmethod
     def from_mapping(cls, values: dict) -> TrainConfig:
@@ -98,6 +109,21 @@ class TrainConfig:
 
     def as_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+class EvalShard(torch.utils.data.Sampler[int]):
+    """Rank r of w evaluates images r, r+w, r+2w, ...: each validation image exactly once
+    across ranks. (DistributedSampler pads the set to a multiple of w, so some images would
+    be counted twice in the summed confusion matrix: 1,449 VOC images on 8 ranks -> 1,456.)"""
+
+    def __init__(self, size: int, rank: int, world: int) -> None:
+        self.indices = range(rank, size, world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def seed_everything(seed: int) -> None:
@@ -156,21 +182,50 @@ def build_network(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict]:
                 f"--init-from must be a coarser FCN checkpoint with {num_classes} classes"
             )
         return models.fcn_from_coarser(coarse, models.FCN_STRIDES[cfg.model]), {}
-    model = models.build_model(cfg.model, num_classes, backbone_weights=cfg.backbone_weights)
-    return model, {}
+    if cfg.backbone_weights is None:
+        raise SystemExit(NO_BACKBONE)
+    at_once = cfg.model != "fcn32s"  # FCN-16s/8s straight from the backbone: skips scaled
+    model = models.build_model(
+        cfg.model, num_classes, backbone_weights=cfg.backbone_weights, at_once=at_once
+    )
+    return model, {"at_once": at_once} if at_once else {}
+
+
+NO_BACKBONE = """\
+FCN trains from ImageNet VGG16 weights, as in the paper; without them (and without batch
+norm) it does not train like the paper's nets. Pass one of:
+  --backbone-weights imagenet   torchvision's VGG16_Weights.IMAGENET1K_V1: it downloads
+                                vgg16-397923af.pth into $TORCH_HOME/hub/checkpoints
+                                (~/.cache/torch/hub/checkpoints); offline, copy the file there
+  --backbone-weights FILE       a VGG16 state dict (torchvision's layout, RGB input)
+  --backbone-weights none       train from scratch, knowingly"""
 
 
 def poly_lambda(total_iters: int, power: float):
     return lambda it: (1 - min(it, total_iters - 1) / total_iters) ** power
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
+    """Weights at the base rate with decay; biases at `bias_lr_mult` times the rate, with
+    decay only if `bias_decay` (the authors' lr_mult 2, decay_mult 0)."""
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (biases if name.endswith(".bias") else weights).append(p)
+    bias_decay = cfg.weight_decay if cfg.bias_decay else 0.0
+    groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if biases:
+        groups.append(
+            {"params": biases, "lr": cfg.lr * cfg.bias_lr_mult, "weight_decay": bias_decay}
         )
-    return torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+    return groups
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(cfg, model)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def train_one_epoch(
@@ -219,7 +274,7 @@ def train(cfg: TrainConfig) -> dict:
     model, model_options = build_network(cfg, num_classes)
     model.to(device)
     train_sampler = DistributedSampler(train_set, seed=cfg.seed) if world > 1 else None
-    val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
+    val_sampler = EvalShard(len(val_set), rank, world) if world > 1 else None
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
@@ -235,7 +290,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = nn.CrossEntropyLoss(ignore_index=255)
+    criterion = nn.CrossEntropyLoss(ignore_index=255, reduction=cfg.loss)
 
     start_epoch, best_iu = 0, -math.inf
     if cfg.resume:
@@ -293,7 +348,14 @@ def train(cfg: TrainConfig) -> dict:
             csv.writer(f).writerow([row[c] for c in METRIC_COLUMNS])
         val_metrics = {
             k: scores[k]
-            for k in ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu", "per_class_iu")
+            for k in (
+                "pixel_accuracy",
+                "mean_accuracy",
+                "mean_iu",
+                "fw_iu",
+                "per_class_iu",
+                "pixels",
+            )
         }
         fields_ = dict(
             architecture=cfg.model, model_options=model_options, num_classes=num_classes,
