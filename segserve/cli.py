@@ -55,6 +55,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "(the same step needs the rate times the pixel count; see training/recipes.py)",
     )  # fmt: skip
     recipe.add_argument(
+        "--class-weighting", choices=("none", "median"), default=None,
+        help="median: median frequency balancing of the loss (rare classes weigh more)",
+    )  # fmt: skip
+    recipe.add_argument(
         "--bias-lr-mult", type=float, default=None, help="biases learn at this times the rate"
     )
     recipe.add_argument(
@@ -117,6 +121,8 @@ def _data_synth(args: argparse.Namespace) -> int:
         min_size=args.min_size,
         max_size=args.max_size,
         val_fraction=args.val_fraction,
+        max_objects=args.max_objects,
+        object_scale=tuple(args.object_scale),
     )
     summary = write_dataset(args.out, config, progress=True)
     print(
@@ -315,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--val-fraction", type=float, default=0.2, help="share of the images in the val split"
     )
+    synth.add_argument("--max-objects", type=int, default=8, help="objects per image, at most")
+    synth.add_argument(
+        "--object-scale", type=float, nargs=2, default=(0.12, 0.75), metavar=("LOW", "HIGH"),
+        help="object size range, as a share of the image's short side (log-uniform)",
+    )  # fmt: skip
     synth.set_defaults(func=_data_synth)
 
     sbd = data_sub.add_parser(

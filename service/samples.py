@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 from functools import cache
 
-from segserve.training.synth import SynthConfig, render_sample
+from segserve.training.synth import DEFAULT_MODEL_SET, SynthConfig, render_sample
 
 SEED = 20150607  # not a training seed (bootstrap trains on seed 0)
 COUNT = 4
@@ -16,7 +16,7 @@ COUNT = 4
 @cache
 def samples() -> dict[str, bytes]:
     """name -> JPEG bytes."""
-    config = SynthConfig(count=COUNT, seed=SEED, min_size=320, max_size=480)
+    config = SynthConfig(count=COUNT, seed=SEED, **{**DEFAULT_MODEL_SET, "min_size": 176})
     out = {}
     for i in range(COUNT):
         image, _ = render_sample(config, i)

@@ -41,7 +41,7 @@ def test_samples_are_listed_and_are_jpegs_the_model_segments(tiny_repository):
         for s in listing:
             data = app.get(s["url"]).content
             image = Image.open(io.BytesIO(data))
-            assert image.format == "JPEG" and min(image.size) >= 320
+            assert image.format == "JPEG" and min(image.size) >= 176
             r = app.post("/segment", content=data, headers={"Content-Type": "image/jpeg"})
             assert r.status_code == 200
 

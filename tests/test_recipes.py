@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -132,3 +133,24 @@ def test_a_caffe_converted_backbone_is_warned_about(tmp_path):
         warnings.simplefilter("always")
         load_vgg16_state_dict(str(path))
     assert any("BGR" in str(w.message) for w in caught)
+
+
+def test_median_frequency_balancing_weighs_rare_classes_up():
+    from segserve.training.train import median_frequency_weights
+
+    pixels = np.array([900, 50, 100, 0])  # background, a rare class, a commoner one, unseen
+    present_in = np.array([1000, 500, 500, 0])
+    w = median_frequency_weights(pixels, present_in)
+    freq = np.array([0.9, 0.1, 0.2])
+    assert w[:3] == pytest.approx(np.median(freq) / freq)
+    assert w[1] > w[2] > w[0] and w[3] == 0.0
+
+
+def test_class_pixels_counts_each_class_and_the_images_it_is_in(synth_root):
+    from segserve.training.datasets import VOCSegmentation
+
+    ds = VOCSegmentation(synth_root, "val")
+    pixels, present_in = ds.class_pixels()
+    labels = [np.asarray(t) for _, t in ds]
+    assert pixels.sum() == sum(int((lab != 255).sum()) for lab in labels)
+    assert present_in[0] == sum(int((lab != 255).sum()) for lab in labels if (lab == 0).any())

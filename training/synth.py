@@ -52,6 +52,12 @@ class SynthConfig:
     object_scale: tuple[float, float] = (0.12, 0.75)  # object size / the image's short side
 
 
+# The default model's images (export/bootstrap.py; also the web page's samples): small
+# (128..192 px) with at most 5 objects, each a quarter to 70 % of the short side, so that
+# more training steps fit in the CPU budget and objects stay large enough to show their shape.
+DEFAULT_MODEL_SET = dict(min_size=128, max_size=192, max_objects=5, object_scale=(0.25, 0.7))
+
+
 def _random_color(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 256, size=3).astype(np.float32)
 

@@ -68,6 +68,7 @@ class TrainConfig:
     weight_decay: float | None = None
     poly_power: float | None = None
     loss: str | None = None  # "mean" over labelled pixels or "sum" (the authors' Caffe loss)
+    class_weighting: str | None = None  # "none" or "median" (median frequency balancing)
     bias_lr_mult: float | None = None
     bias_decay: bool | None = None
     width: int = 64
@@ -96,6 +97,10 @@ class TrainConfig:
         self.scale = tuple(self.scale)
         if self.loss not in ("mean", "sum"):
             raise ValueError(f"loss must be 'mean' or 'sum', not {self.loss!r}")
+        if self.class_weighting not in ("none", "median"):
+            raise ValueError(
+                f"class_weighting must be 'none' or 'median', not {self.class_weighting!r}"
+            )
 
     @property
     def base_lr(self) -> float:
@@ -124,6 +129,18 @@ class EvalShard(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def median_frequency_weights(pixels: np.ndarray, present_in: np.ndarray) -> np.ndarray:
+    """Median frequency balancing (Eigen & Fergus, ICCV 2015; SegNet): class c weighs
+    median(f) / f_c, f_c = its pixels / pixels of the images it appears in. Rare classes
+    (thin bars, small stars) then count as much as the background in the loss, which is
+    what mean IU rewards. Classes never seen weigh 0."""
+    freq = np.divide(pixels, present_in, out=np.zeros(len(pixels)), where=present_in > 0)
+    seen = freq > 0
+    weights = np.zeros(len(pixels))
+    weights[seen] = np.median(freq[seen]) / freq[seen]
+    return weights
 
 
 def seed_everything(seed: int) -> None:
@@ -290,7 +307,14 @@ def train(cfg: TrainConfig) -> dict:
     )
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = nn.CrossEntropyLoss(ignore_index=255, reduction=cfg.loss)
+    weights = None
+    if cfg.class_weighting == "median":
+        weights = torch.as_tensor(median_frequency_weights(*train_set.class_pixels()))
+    criterion = nn.CrossEntropyLoss(
+        weight=None if weights is None else weights.float().to(device),
+        ignore_index=255,
+        reduction=cfg.loss,
+    )
 
     start_epoch, best_iu = 0, -math.inf
     if cfg.resume:
