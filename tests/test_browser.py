@@ -47,7 +47,7 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000", "--force-device-scale-factor=1"):  # fmt: skip
+                "--window-size=1400,1250", "--force-device-scale-factor=1"):  # fmt: skip
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -90,6 +90,7 @@ def test_the_page_asks_for_the_key_then_segments_an_uploaded_image(server, brows
     driver.find_element("id", "key").send_keys(KEY)
     driver.find_element("css selector", "#key-form button").click()
     wait_for(driver, lambda d: page_state(d) == "ready")
+    assert not driver.find_element("id", "key-form").is_displayed()
     listing = httpx.get(server.url + "/models", headers=AUTH).json()
     options = [o.text for o in driver.find_elements("css selector", "#model option")]
     assert options == [f"{m['name']} v{m['version']}" for m in listing["models"]]
@@ -192,6 +193,7 @@ def test_swagger_ui_renders_offline_with_an_image_upload_for_segment(server, bro
     inputs = wait_for(driver, lambda d: d.find_elements(
         "css selector", "#operations-default-segment_segment_post input[type=file]"))  # fmt: skip
     assert inputs
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", inputs[0])
     screenshot(driver, "swagger-ui.png")
     # Nothing on the page came from anywhere but this server.
     sources = driver.execute_script(
