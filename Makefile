@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
 
-.PHONY: setup tools run test test-images screenshots lint bootstrap bench-peers clean
+.PHONY: setup tools run test test-slow test-images screenshots lint bootstrap bench-peers clean
 
 # torch and torchvision go through pip on their own, pinned: pip takes them from this
 # machine's disk; the rest of the project installs with its train and dev extras.
@@ -40,6 +40,11 @@ tools:
 
 test: setup tools
 	$(PY) -m pytest -q
+
+# The slow real checks kept out of `make test`: FCN-8s (134 M parameters) exported with its
+# parity gate, and the networks on the paper's 500x375 inputs. About a minute.
+test-slow: setup
+	$(PY) -m pytest -q -m slow -p no:cacheprovider
 
 # Both images built (against a base made offline by debootstrap) and run by a private dockerd:
 # needs root and a few minutes (the GPU image downloads the CUDA libraries as wheels, ~3 GB).
