@@ -284,6 +284,7 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, default=Path("docs/bench"))
     args = p.parse_args()
+    args.repository = args.repository.resolve()  # the peers run in other working directories
     entries = [e for e in walk(args.repository) if e.name == args.model]
     if not entries:
         raise SystemExit(f"no model {args.model!r} in {args.repository} (make bootstrap)")
