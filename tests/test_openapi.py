@@ -80,6 +80,14 @@ def test_real_answers_are_what_the_models_describe(tiny_repository):
         Ready.model_validate(app.get("/readyz").json())
 
 
+def _leaves_the_route(case) -> bool:
+    """A negative case can put a non-string (a list, a number) in a path parameter; the
+    generator then writes its repr into the URL unescaped, and a '?' or '#' in it moves the
+    request to another route (a 405 or 404 there is right, not a gap in the description)."""
+    values = (case.path_parameters or {}).values()
+    return any(not isinstance(value, str) or set(value) & set("?#/") for value in values)
+
+
 @pytest.fixture(scope="module")
 def fuzzed_server(tiny_repository, tmp_path_factory):
     with run_server(tiny_repository, tmp_path_factory.mktemp("fuzz"), api_key=KEY) as server:
@@ -110,6 +118,8 @@ def test_fuzzing_a_live_server_finds_no_5xx_and_no_answer_outside_the_descriptio
             suppress_health_check=list(HealthCheck),
         )
         def check(case):
+            if _leaves_the_route(case):
+                return
             # Not positive_data_acceptance: a schema cannot say "a decodable image", so bytes
             # that fit `format: binary` are rightly a 400; every other check runs.
             case.call_and_validate(headers=AUTH, excluded_checks=[positive_data_acceptance])
