@@ -91,7 +91,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--amp", action=argparse.BooleanOptionalAction, default=True,
-        help="mixed precision (CUDA only)",
+        help="mixed precision: float16 on CUDA, bfloat16 on CPUs that compute it natively",
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
     p.add_argument("--seed", type=int, default=0, help="same seed, same run (on one device)")

@@ -12,7 +12,7 @@ from segserve.cli import MODEL_NAMES, main
 from segserve.training.checkpoint import CheckpointError, load_checkpoint
 from segserve.training.datasets import DatasetError, VOCSegmentation
 from segserve.training.synth import SYNTH_CLASSES, SynthConfig, render_sample
-from segserve.training.train import TrainConfig, train
+from segserve.training.train import TrainConfig, autocast_dtype, train
 
 
 def test_every_architecture_the_contract_names_builds_with_its_stride():
@@ -164,7 +164,8 @@ def _rows(run_dir):
 def test_a_tiny_training_run_overfits(synth_root, tmp_path):
     torch.set_num_threads(2)
     out = tmp_path / "run"
-    train(_config(_overfit_folder(synth_root, tmp_path), out, epochs=40))
+    # median weighting as the default recipe: with 40 steps the small classes need it
+    train(_config(_overfit_folder(synth_root, tmp_path), out, epochs=40, class_weighting="median"))
     rows = _rows(out)
     assert len(rows) == 40
     first, last = rows[0], rows[-1]
@@ -190,6 +191,28 @@ def test_resume_continues_the_same_run(synth_root, tmp_path):
     for ra, rb in zip(a, b, strict=True):
         assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), rel=1e-4)
         assert float(ra["mean_iu"]) == pytest.approx(float(rb["mean_iu"]), rel=1e-4)
+
+
+def test_mixed_precision_is_float16_on_cuda_and_bfloat16_only_where_the_cpu_has_it():
+    # No CUDA here: the choice is a function of the device, not of a live GPU.
+    assert autocast_dtype(torch.device("cuda", 0), amp=True) == torch.float16
+    assert autocast_dtype(torch.device("cuda", 0), amp=False) is None
+    assert autocast_dtype(torch.device("cpu"), amp=False) is None
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert autocast_dtype(torch.device("cpu"), amp=True) == (torch.bfloat16 if native else None)
+
+
+def test_a_mixed_precision_run_tracks_float32_and_saves_float32_weights(synth_root, tmp_path):
+    data = _overfit_folder(synth_root, tmp_path)
+    runs = {amp: tmp_path / f"amp-{amp}" for amp in (False, True)}
+    for amp, out in runs.items():
+        train(_config(data, out, epochs=2, amp=amp))
+    plain, mixed = (_rows(runs[amp]) for amp in (False, True))
+    assert len(plain) == len(mixed) == 2
+    # the same seed and data; only the arithmetic differs, so the first epoch's loss is close
+    assert float(mixed[0]["train_loss"]) == pytest.approx(float(plain[0]["train_loss"]), rel=0.1)
+    state = load_checkpoint(runs[True] / "best.pt")["state_dict"]
+    assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
 
 
 def test_resume_without_a_run_fails_clearly(synth_root, tmp_path):

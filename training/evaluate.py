@@ -31,6 +31,11 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _is_channels_last(model: nn.Module) -> bool:
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader, device: torch.device, num_classes: int, progress: bool = False
@@ -43,8 +48,10 @@ def evaluate(
     cm = ConfusionMatrix(num_classes)
     criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
     loss_sum, counted = 0.0, 0
+    # A model trained channels-last (mixed precision) convolves NHWC input fastest.
+    layout = torch.channels_last if _is_channels_last(model) else torch.contiguous_format
     for image, target in tqdm(loader, desc="val", leave=False, disable=not progress):
-        image, target = image.to(device), target.to(device)
+        image, target = image.to(device).contiguous(memory_format=layout), target.to(device)
         logits = model(image)
         loss_sum += float(criterion(logits.float(), target))
         counted += int((target != 255).sum())

@@ -245,9 +245,24 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The mixed-precision type for `device`, or None for plain float32. CUDA: float16 (with a
+    grad scaler). CPU: bfloat16 where the CPU computes it natively (AVX512-BF16 / AMX through
+    oneDNN: 2-2.5x the float32 step on this project's 2-core machine, docs/benchmarks.md);
+    elsewhere bf16 is emulated and slower than float32, so it stays off."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    native_bf16 = torch.backends.mkldnn.is_available() and (
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+    return torch.bfloat16 if device.type == "cpu" and native_bf16 else None
+
+
 def train_one_epoch(
-    net: nn.Module, loader, criterion, optimizer, scheduler, scaler, device, use_amp: bool,
-    desc: str, progress: bool,
+    net: nn.Module, loader, criterion, optimizer, scheduler, scaler, device,
+    amp_dtype: torch.dtype | None, desc: str, progress: bool,
 ) -> tuple[float, int]:  # fmt: skip
     """One pass over the training set; (mean loss per image, images seen)."""
     from tqdm import tqdm
@@ -257,9 +272,11 @@ def train_one_epoch(
     bar = tqdm(loader, desc=desc, disable=not progress)
     for image, target in bar:
         image = image.to(device, non_blocking=True)
+        if amp_dtype is not None:  # NHWC: what oneDNN / tensor cores convolve fastest
+            image = image.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            loss = criterion(net(image), target)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = criterion(net(image).float(), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -305,8 +322,11 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lambda(total_iters, cfg.poly_power)
     )
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(device, cfg.amp)
+    if amp_dtype is not None:
+        model.to(memory_format=torch.channels_last)
+    # bf16 keeps float32's exponent range, so only float16 needs loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     weights = None
     if cfg.class_weighting == "median":
         weights = torch.as_tensor(median_frequency_weights(*train_set.class_pixels()))
@@ -352,7 +372,7 @@ def train(cfg: TrainConfig) -> dict:
             train_sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         train_loss, seen = train_one_epoch(
-            net, train_loader, criterion, optimizer, scheduler, scaler, device, use_amp,
+            net, train_loader, criterion, optimizer, scheduler, scaler, device, amp_dtype,
             f"epoch {epoch + 1}/{cfg.epochs}", progress,
         )  # fmt: skip
         train_s = time.perf_counter() - t0
