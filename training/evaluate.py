@@ -31,9 +31,13 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _is_channels_last(model: nn.Module) -> bool:
+def input_layout(model: nn.Module) -> torch.memory_format:
+    """The memory format to feed `model`: channels-last when its convolutions were made so
+    (training with mixed precision does), which is what oneDNN / tensor cores run fastest."""
     weight = next((p for p in model.parameters() if p.dim() == 4), None)
-    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last)
+    if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @torch.no_grad()
@@ -48,8 +52,7 @@ def evaluate(
     cm = ConfusionMatrix(num_classes)
     criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
     loss_sum, counted = 0.0, 0
-    # A model trained channels-last (mixed precision) convolves NHWC input fastest.
-    layout = torch.channels_last if _is_channels_last(model) else torch.contiguous_format
+    layout = input_layout(model)
     for image, target in tqdm(loader, desc="val", leave=False, disable=not progress):
         image, target = image.to(device).contiguous(memory_format=layout), target.to(device)
         logits = model(image)

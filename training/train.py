@@ -32,7 +32,7 @@ from segserve.training.checkpoint import (
     save_checkpoint,
 )
 from segserve.training.datasets import VOCSegmentation
-from segserve.training.evaluate import evaluate, resolve_device
+from segserve.training.evaluate import evaluate, input_layout, resolve_device
 from segserve.training.recipes import defaults_for
 from segserve.training.transforms import EvalTransform, TrainTransform
 
@@ -269,11 +269,10 @@ def train_one_epoch(
 
     net.train()
     seen, loss_sum = 0, 0.0
+    layout = input_layout(net)
     bar = tqdm(loader, desc=desc, disable=not progress)
     for image, target in bar:
-        image = image.to(device, non_blocking=True)
-        if amp_dtype is not None:  # NHWC: what oneDNN / tensor cores convolve fastest
-            image = image.contiguous(memory_format=torch.channels_last)
+        image = image.to(device, non_blocking=True).contiguous(memory_format=layout)
         target = target.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = criterion(net(image).float(), target)
@@ -323,7 +322,7 @@ def train(cfg: TrainConfig) -> dict:
         optimizer, poly_lambda(total_iters, cfg.poly_power)
     )
     amp_dtype = autocast_dtype(device, cfg.amp)
-    if amp_dtype is not None:
+    if amp_dtype is not None:  # NHWC: what oneDNN / tensor cores convolve fastest
         model.to(memory_format=torch.channels_last)
     # bf16 keeps float32's exponent range, so only float16 needs loss scaling
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
