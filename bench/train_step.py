@@ -1,6 +1,6 @@
 """Training step speed on this machine: float32 against mixed precision (the autocast type
 `segserve train --amp` picks here), NCHW against channels-last, for one architecture, batch
-and crop. One forward + backward + AdamW step on random data; images per second.
+and crop. Training's own step (forward, backward, AdamW) on random data; images per second.
 
     python -m bench.train_step --width 16 --batch 8 16 --crop 96
 """
@@ -15,34 +15,31 @@ import torch
 from torch import nn
 
 from segserve.models import build_model
-from segserve.training.train import autocast_dtype
+from segserve.training.train import autocast_dtype, train_one_epoch
 
 
 def images_per_s(
     width: int, batch: int, crop: int, dtype: torch.dtype | None, channels_last: bool, steps: int
 ) -> float:
+    """Steps of training's own `train_one_epoch` over one random batch, repeated."""
     torch.manual_seed(0)
     net = build_model("unet", 9, width=width, batch_norm=True)
-    image = torch.randn(batch, 3, crop, crop)
-    target = torch.randint(0, 9, (batch, crop, crop))
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        image = image.contiguous(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)
+    batches = [(torch.randn(batch, 3, crop, crop), torch.randint(0, 9, (batch, crop, crop)))]
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    criterion = nn.CrossEntropyLoss()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 and float32 need no scaling
 
-    def step() -> None:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = criterion(net(image).float(), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    def run(n: int) -> None:
+        train_one_epoch(
+            net, batches * n, nn.CrossEntropyLoss(), optimizer, scheduler, scaler,
+            torch.device("cpu"), dtype, "", progress=False,
+        )  # fmt: skip
 
-    for _ in range(3):  # oneDNN picks and caches its kernels on the first calls
-        step()
+    run(3)  # oneDNN picks and caches its kernels on the first calls
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    run(steps)
     return batch * steps / (time.perf_counter() - start)
 
 
