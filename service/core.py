@@ -205,6 +205,7 @@ class InferenceService:
         engine = Engine.load(
             entry.model_path, s.providers, s.intra_op_threads, s.cudnn_conv_algo_search,
             cpu_arena=s.cpu_mem_arena, spinning=s.ort_spinning,
+            arena_shrink_pixels=s.arena_shrink_pixels,
         )  # fmt: skip
         name = entry.name
 

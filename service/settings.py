@@ -50,9 +50,11 @@ class Settings(BaseSettings):
     providers: str = "auto"
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     warmup_shapes: str = "512x512,375x500"
-    # onnxruntime's CPU arena keeps its largest allocation for good; with request-sized
-    # shapes that is memory never given back (docs/benchmarks.md), so it is off by default.
-    cpu_mem_arena: bool = False
+    # onnxruntime's CPU arena: without it every run page-faults its activations in afresh
+    # (13-20 % of CPU throughput, docs/benchmarks.md: memory). An arena keeps its largest
+    # run's memory for good, so runs on `arena_shrink_pixels` or more give it back at once.
+    cpu_mem_arena: bool = True
+    arena_shrink_pixels: int = Field(500_000, ge=1)
     # onnxruntime's idle threads spin-wait for work unless told not to: off, measured.
     ort_spinning: bool = False
     # cuDNN's EXHAUSTIVE search re-benchmarks on every new input shape (onnxruntime #6978,

@@ -93,3 +93,29 @@ def test_a_provider_asked_for_by_name_must_load_and_auto_falls_back():
     assert choose_providers("cuda,cpu", gpu) == (gpu, True)
     with pytest.raises(ValueError, match="unknown provider"):
         choose_providers("tpu", gpu)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_the_cpu_arena_is_kept_after_small_runs_and_given_back_after_large_ones(
+    tiny_repository,
+):
+    """The arena is on (runs reuse its memory instead of faulting pages in afresh); a run on
+    `arena_shrink_pixels` or more must not leave its peak held for good."""
+    model_path = list(walk(tiny_repository))[1].model_path  # uint8 in, labels out
+    big = image(1500, 1500)
+    keeps = Engine.load(model_path, "cpu", 2, arena_shrink_pixels=10**9)
+    shrinks = Engine.load(model_path, "cpu", 2, arena_shrink_pixels=1_000_000)
+    before = _rss_mb()
+    kept_labels = keeps.segment([big])[0]
+    held_by_keeping = _rss_mb() - before
+    before = _rss_mb()
+    shrunk_labels = shrinks.segment([big])[0]
+    held_by_shrinking = _rss_mb() - before
+    assert np.array_equal(kept_labels, shrunk_labels)
+    assert held_by_keeping > 40, held_by_keeping
+    assert held_by_shrinking < held_by_keeping / 4, (held_by_shrinking, held_by_keeping)
+    assert Engine.load(model_path, "cpu", 2, cpu_arena=False).shrink_at_pixels is None
