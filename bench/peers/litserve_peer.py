@@ -16,7 +16,14 @@ from segserve.service.imaging import decode_image, encode_label_png
 
 class SegmentAPI(ls.LitAPI):
     def setup(self, device):
-        self.engine = Engine.load(os.environ["PEER_ONNX"], "cpu", int(os.environ["PEER_THREADS"]))
+        # onnxruntime's CPU arena as a plain session has it: on and never shrunk (segserve
+        # shrinks it after large runs, which would cost batches of 8 here page faults).
+        self.engine = Engine.load(
+            os.environ["PEER_ONNX"],
+            "cpu",
+            int(os.environ["PEER_THREADS"]),
+            arena_shrink_pixels=10**12,
+        )
 
     def decode_request(self, request):
         return decode_image(request["image"].file.read(), 40_000_000)

@@ -17,7 +17,11 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.engine = Engine.load(params["onnx"], "cpu", int(params["threads"]))
+        # onnxruntime's CPU arena as a plain session has it: on and never shrunk (segserve
+        # shrinks it after large runs, which would cost batches of 8 here page faults).
+        self.engine = Engine.load(
+            params["onnx"], "cpu", int(params["threads"]), arena_shrink_pixels=10**12
+        )
 
     def execute(self, requests):
         batches = [pb_utils.get_input_tensor_by_name(r, "image").as_numpy() for r in requests]
