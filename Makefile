@@ -63,7 +63,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # segserve beside Triton and LitServe on the default model (docs/benchmarks.md); sets up each
-# peer in its own venv under .bench/ from the package index. About 40 minutes.
+# peer in its own venv under .bench/ from the package index. About 55 minutes.
 bench-peers: bootstrap
 	$(PY) -m bench.peers --repository $(REPOSITORY) --model unet-shapes --out docs/bench
 
