@@ -144,8 +144,8 @@ class Engine:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Without the arena every run maps its activations afresh and page-faults them in:
-        # ~17,000 faults per 0.3 MP image, 13-20 % of the CPU throughput (docs/benchmarks.md:
-        # memory). With it, runs reuse the memory, and large runs give it back (`run`).
+        # ~17,000 faults per photo-sized image, 13-20 % of CPU throughput (docs/benchmarks.md:
+        # "onnxruntime's CPU arena"). With it, runs reuse the memory; large runs give it back.
         opts.enable_cpu_mem_arena = cpu_arena
         # Idle intra-op threads spin for work by default: CPU burnt between requests that the
         # decode and encode threads need (docs/benchmarks.md: server CPU per request).

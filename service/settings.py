@@ -51,8 +51,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     warmup_shapes: str = "512x512,375x500"
     # onnxruntime's CPU arena: without it every run page-faults its activations in afresh
-    # (13-20 % of CPU throughput, docs/benchmarks.md: memory). An arena keeps its largest
-    # run's memory for good, so runs on `arena_shrink_pixels` or more give it back at once.
+    # (13-20 % of CPU throughput; docs/benchmarks.md, "onnxruntime's CPU arena"). An arena
+    # keeps its largest run's memory for good, so runs on `arena_shrink_pixels` or more
+    # give it back at once.
     cpu_mem_arena: bool = True
     arena_shrink_pixels: int = Field(500_000, ge=1)
     # onnxruntime's idle threads spin-wait for work unless told not to: off, measured.
