@@ -3,8 +3,8 @@ the arena off, on (never shrunk: onnxruntime's default), and on with segserve's 
 runs of `--shrink-pixels` or more. Each setting in its own process, so RSS is its own.
 
 Without the arena every run maps its activations afresh and the kernel faults every page in
-(and zeroes it); with it, runs reuse the memory. `--large` adds a 1000x1000 image to the
-mix: the run that would leave the arena at its peak for good.
+(and zeroes it); with it, runs reuse the memory. The second mix adds a 1000x1000 image: the
+run that would leave the arena at its peak for good.
 
     python -m bench.arena --repository model_repository --model unet-shapes --seconds 10
 """
@@ -25,21 +25,17 @@ import numpy as np
 
 SETTINGS = {
     "off": {"cpu_arena": False},
-    "on, never shrunk": {"cpu_arena": True, "arena_shrink_pixels": 10**12},
+    "on, never shrunk": {"cpu_arena": True, "arena_shrink_pixels": None},
     "on, shrunk after large runs": {"cpu_arena": True},
 }
 MIX = [(480, 640), (500, 375), (512, 512), (384, 512), (600, 400)]
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
 
 
 def measure(model: Path, setting: str, seconds: float, large: bool, shrink_pixels: int) -> dict:
     """In this process: megapixels/s, page faults per image and RSS after, for one setting.
     Runs in a thread of its own, as the service's batcher does (glibc gives threads their
     own heaps, which matters to what `malloc` maps afresh)."""
+    from bench.compare import peak_rss_mb
     from segserve.service.engine import Engine
 
     options = dict(SETTINGS[setting])
@@ -72,7 +68,8 @@ def measure(model: Path, setting: str, seconds: float, large: bool, shrink_pixel
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    return {**result, "rss_after_mb": _status_mb("VmRSS"), "peak_rss_mb": _status_mb("VmHWM")}
+    rss, peak = peak_rss_mb(os.getpid())
+    return {**result, "rss_after_mb": rss, "peak_rss_mb": peak}
 
 
 def main() -> None:

@@ -121,7 +121,8 @@ class Engine:
     session: ort.InferenceSession
     card: ModelCard
     path: Path
-    # With the CPU arena on: runs on this many pixels or more shrink it when they end.
+    # Runs on this many pixels or more shrink the CPU arena when they end (None: never, or
+    # no arena).
     shrink_at_pixels: int | None = None
 
     @classmethod
@@ -134,7 +135,7 @@ class Engine:
         cpu_arena: bool = True,
         spinning: bool = False,
         card: ModelCard | None = None,
-        arena_shrink_pixels: int = ARENA_SHRINK_PIXELS,
+        arena_shrink_pixels: int | None = ARENA_SHRINK_PIXELS,  # None: never shrink
     ) -> Engine:
         chosen, strict = choose_providers(providers, ort.get_available_providers())
         if "CUDAExecutionProvider" in chosen:
@@ -167,9 +168,12 @@ class Engine:
             log.warning("%s did not load for %s; running on %s", chosen[0], path, loaded[0])
         if card is None:
             card = read_card(session, Path(path))
-        engine = cls(session=session, card=card, path=Path(path))
-        if cpu_arena:
-            engine.shrink_at_pixels = arena_shrink_pixels
+        engine = cls(
+            session=session,
+            card=card,
+            path=Path(path),
+            shrink_at_pixels=arena_shrink_pixels if cpu_arena else None,
+        )
         engine.check_io()
         return engine
 

@@ -107,7 +107,7 @@ def test_the_cpu_arena_is_kept_after_small_runs_and_given_back_after_large_ones(
     `arena_shrink_pixels` or more must not leave its peak held for good."""
     model_path = list(walk(tiny_repository))[1].model_path  # uint8 in, labels out
     big = image(1500, 1500)
-    keeps = Engine.load(model_path, "cpu", 2, arena_shrink_pixels=10**9)
+    keeps = Engine.load(model_path, "cpu", 2, arena_shrink_pixels=None)
     shrinks = Engine.load(model_path, "cpu", 2, arena_shrink_pixels=1_000_000)
     before = _rss_mb()
     kept_labels = keeps.segment([big])[0]

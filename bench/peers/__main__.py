@@ -313,7 +313,7 @@ def main() -> None:
     # The limit is onnxruntime as it comes: its CPU arena on and never shrunk, idle threads
     # spinning (the servers do not spin: their other threads need the cores).
     engine = Engine.load(
-        args.entry.model_path, "cpu", args.threads, spinning=True, arena_shrink_pixels=10**12
+        args.entry.model_path, "cpu", args.threads, spinning=True, arena_shrink_pixels=None
     )
     report: dict = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "model": f"{args.model} v{args.entry.version}",

@@ -22,7 +22,7 @@ class SegmentAPI(ls.LitAPI):
             os.environ["PEER_ONNX"],
             "cpu",
             int(os.environ["PEER_THREADS"]),
-            arena_shrink_pixels=10**12,
+            arena_shrink_pixels=None,
         )
 
     def decode_request(self, request):

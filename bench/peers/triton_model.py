@@ -20,7 +20,7 @@ class TritonPythonModel:
         # onnxruntime's CPU arena as a plain session has it: on and never shrunk (segserve
         # shrinks it after large runs, which would cost batches of 8 here page faults).
         self.engine = Engine.load(
-            params["onnx"], "cpu", int(params["threads"]), arena_shrink_pixels=10**12
+            params["onnx"], "cpu", int(params["threads"]), arena_shrink_pixels=None
         )
 
     def execute(self, requests):
