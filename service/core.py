@@ -215,7 +215,11 @@ class InferenceService:
         batcher = Batcher(
             engine.batch,
             engine.run,
-            Limits(s.batch_size_for(engine.provider), s.max_batch_pixels, engine.card.size_divisor),
+            Limits(
+                s.batch_size_for(engine.provider),
+                min(s.max_batch_pixels, engine.batch_pixel_limit or s.max_batch_pixels),
+                engine.card.size_divisor,
+            ),
             CostModel(),
             max_queue=s.max_queue,
             max_queued_pixels=s.max_queued_pixels,

@@ -33,7 +33,7 @@ def parse_list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-DEFAULT_BATCH_SIZES = {"cpu": 1, "cuda": 8, "tensorrt": 8}
+DEFAULT_BATCH_SIZES = {"cpu": 4, "cuda": 8, "tensorrt": 8}
 
 
 class Settings(BaseSettings):
@@ -53,9 +53,9 @@ class Settings(BaseSettings):
     # onnxruntime's CPU arena: without it every run page-faults its activations in afresh
     # (13-20 % of CPU throughput; docs/benchmarks.md, "onnxruntime's CPU arena"). An arena
     # keeps its largest run's memory for good, so runs on `arena_shrink_pixels` or more
-    # give it back at once.
+    # give it back at once; CPU batches of several images stay under it.
     cpu_mem_arena: bool = True
-    arena_shrink_pixels: int = Field(500_000, ge=1)
+    arena_shrink_pixels: int = Field(800_000, ge=1)
     # onnxruntime's idle threads spin-wait for work unless told not to: off, measured.
     ort_spinning: bool = False
     # cuDNN's EXHAUSTIVE search re-benchmarks on every new input shape (onnxruntime #6978,
@@ -63,8 +63,9 @@ class Settings(BaseSettings):
     cudnn_conv_algo_search: str = "HEURISTIC"
 
     # -- batching ---------------------------------------------------------------------------
-    # None: by provider (DEFAULT_BATCH_SIZES). On CPU a batch computes no faster than its
-    # images one by one (docs/benchmarks.md), so each image runs alone and waits for no other.
+    # None: by provider (DEFAULT_BATCH_SIZES). On CPU, with the arena kept, images of one
+    # size run a few per cent faster together (docs/benchmarks.md); the batcher merges
+    # other sizes only where its cost model says padding pays.
     max_batch_size: int | None = Field(None, ge=1, le=256)
     # An idle engine runs a request at once; a window > 0 makes an idle engine wait this
     # long for companions (while it is busy, the next batch gathers anyway).

@@ -119,3 +119,12 @@ def test_the_cpu_arena_is_kept_after_small_runs_and_given_back_after_large_ones(
     assert held_by_keeping > 40, held_by_keeping
     assert held_by_shrinking < held_by_keeping / 4, (held_by_shrinking, held_by_keeping)
     assert Engine.load(model_path, "cpu", 2, cpu_arena=False).shrink_at_pixels is None
+
+
+def test_a_cpu_engine_limits_batches_to_what_keeps_its_arena(tiny_repository):
+    model_path = list(walk(tiny_repository))[1].model_path
+    assert (
+        Engine.load(model_path, "cpu", 1, arena_shrink_pixels=800_000).batch_pixel_limit == 799_999
+    )
+    assert Engine.load(model_path, "cpu", 1, arena_shrink_pixels=None).batch_pixel_limit is None
+    assert Engine.load(model_path, "cpu", 1, cpu_arena=False).batch_pixel_limit is None

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -309,13 +310,32 @@ def test_parameter_and_routing_errors(app):
         assert r.json()["error"] == code and r.json()["detail"]
 
 
-def test_on_cpu_each_image_runs_alone_by_default(tiny_repository):
+def test_cpu_batches_are_small_and_stay_under_the_arena_shrink_size(tiny_repository):
     from segserve.service.settings import Settings
 
-    assert Settings().batch_size_for("cpu") == 1 and Settings().batch_size_for("cuda") == 8
-    assert Settings(max_batch_size=4).batch_size_for("cpu") == 4
-    with in_process(tiny_repository) as app:
-        assert app.service.model("tiny").batcher.limits.max_batch_size == 1
+    assert Settings().batch_size_for("cpu") == 4 and Settings().batch_size_for("cuda") == 8
+    assert Settings(max_batch_size=2).batch_size_for("cpu") == 2
+    three = [image_bytes(64, 64, seed=i) for i in range(3)]  # 4096 pixels each
+    for shrink_at, most_per_run in ((10_000, 2), (5_000, 1)):
+        with in_process(tiny_repository, arena_shrink_pixels=shrink_at) as app:
+            batcher = app.service.model("tiny").batcher
+            assert batcher.limits.max_batch_size == 4
+            assert batcher.limits.max_batch_pixels == shrink_at - 1
+            with held_engine(app) as held:
+                first = post_later(app, "/segment", content=image_bytes(16, 16), headers=PNG)
+                assert held.running.wait(30)
+                later = [post_later(app, "/segment", content=d, headers=PNG) for d in three]
+                # One may be taken ahead as the next batch; the other two wait together.
+                deadline = time.monotonic() + 30
+                while len(batcher.pending) < 2:
+                    assert time.monotonic() < deadline, "the requests never queued"
+                    time.sleep(0.01)
+                held.gate.set()
+                assert [f.result(60).status_code for f in [first, *later]] == [200] * 4
+            assert max(len(run) for run in held.runs[1:]) == most_per_run, held.runs
+    with in_process(tiny_repository, cpu_mem_arena=False) as app:  # no arena to keep
+        limits = app.service.model("tiny").batcher.limits
+        assert limits.max_batch_pixels == Settings().max_batch_pixels
 
 
 def test_a_full_queue_and_an_overloaded_model_answer_503_at_once(tiny_repository):
