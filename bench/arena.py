@@ -80,7 +80,11 @@ def main() -> None:
     p.add_argument("--model", default="unet-shapes")
     p.add_argument("--seconds", type=float, default=10.0, help="per setting and mix")
     p.add_argument("--rounds", type=int, default=2, help="every setting this often, interleaved")
-    p.add_argument("--shrink-pixels", type=int, default=500_000)
+    from segserve.service.engine import ARENA_SHRINK_PIXELS
+
+    p.add_argument(
+        "--shrink-pixels", type=int, default=ARENA_SHRINK_PIXELS, help="default: segserve's"
+    )
     p.add_argument("--one", nargs=2, metavar=("SETTING", "LARGE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     from segserve.contracts.repository import walk

@@ -162,7 +162,10 @@ def cpu_seconds(pid: int) -> float:
 def synthetic_images(
     sizes: list[tuple[int, int]], per_size: int = 4, seed: int = 0
 ) -> list[Payload]:
-    """JPEGs of the given (H, W) sizes with shapes on them (not noise, which JPEG inflates)."""
+    """JPEGs of the given (H, W) sizes with shapes on them (not noise, which JPEG inflates),
+    in a seeded random order: `bench` sends them round-robin, and in the order made the
+    sizes would arrive in runs of `per_size`, which hands a batcher equal shapes that mixed
+    traffic would not."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -181,7 +184,7 @@ def synthetic_images(
             buf = io.BytesIO()
             image.save(buf, format="JPEG", quality=90)
             images.append(Payload(buf.getvalue(), "image/jpeg", (h, w)))
-    return images
+    return [images[i] for i in rng.permutation(len(images))]
 
 
 def folder_images(folder: Path, limit: int = 64) -> list[Payload]:

@@ -140,3 +140,13 @@ def test_bench_cli_prints_one_json_object_and_a_plot(stub, tmp_path, capsys):
     assert [r["concurrency"] for r in report["runs"]] == [1, 2]
     assert plot.stat().st_size > 1000
     assert main(["bench", "--url", f"http://127.0.0.1:{free_port()}", "--duration", "0.2"]) == 1
+
+
+def test_synthetic_images_of_several_sizes_come_mixed_not_in_runs_of_one_size():
+    sizes = [(32, 48), (40, 40), (24, 64)]
+    images = loadgen.synthetic_images(sizes, per_size=4)
+    order = [im.size for im in images]
+    assert sorted(order) == sorted(sizes * 4)
+    changes = sum(a != b for a, b in zip(order, order[1:], strict=False))
+    assert changes > len(sizes) - 1, order  # in runs of one size there would be 2 changes
+    assert order == [im.size for im in loadgen.synthetic_images(sizes, per_size=4)]  # seeded
