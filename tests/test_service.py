@@ -102,17 +102,23 @@ def post_later(app, *args, **kw):
     return asyncio.run_coroutine_threadsafe(app.client.post(*args, **kw), app.loop)
 
 
-def behind_a_held_run(app, payloads: list[bytes]) -> list:
-    """Send `payloads` while the engine is held on another request, so that they all wait
-    together; then let everything run. Their responses, in order."""
+def behind_a_held_run(app, payloads: list[bytes]) -> tuple[list, list]:
+    """Send `payloads` while the engine is held on another request, wait until they are all
+    queued together, then let everything run. Their responses in order, and the sizes of
+    every run after the held one."""
+    batcher = app.service.model("tiny").batcher
     with held_engine(app) as held:
         first = post_later(app, "/segment", content=image_bytes(16, 16), headers=PNG)
         assert held.running.wait(30)
         later = [post_later(app, "/segment", content=p, headers=PNG) for p in payloads]
+        deadline = time.monotonic() + 30  # the next batch may already be taken from them
+        while batcher.depth < len(payloads):
+            assert time.monotonic() < deadline, "the requests never queued"
+            time.sleep(0.01)
         held.gate.set()
         responses = [f.result(60) for f in later]
         assert first.result(60).status_code == 200
-    return responses
+    return responses, held.runs[1:]
 
 
 def test_png_format_returns_the_label_map_with_headers(app, reference):
@@ -168,7 +174,7 @@ def test_json_format_with_masks_decodes_back_to_the_label_map(app, reference, en
 def test_requests_that_wait_together_are_batched_and_each_gets_its_own_labels(app, reference):
     payloads = [image_bytes(64, 64, seed=i) for i in range(6)]
     before = metric_samples(app.get("/metrics").text)
-    responses = behind_a_held_run(app, payloads)
+    responses, _ = behind_a_held_run(app, payloads)
     for data, r in zip(payloads, responses, strict=True):
         assert r.status_code == 200 and np.array_equal(labels_of(r), reference(data))
     after = metric_samples(app.get("/metrics").text)
@@ -198,7 +204,7 @@ def test_a_merged_batch_is_padded_and_keeps_the_labels(app, reference):
     model.batcher.prepare_batch = spy
     model.batcher.cost = CostModel(per_pixel=1e-12, fixed=1.0)
     try:
-        responses = behind_a_held_run(app, payloads)
+        responses, _ = behind_a_held_run(app, payloads)
     finally:
         model.batcher.prepare_batch, model.batcher.cost = real_batch, real_cost
     assert any(shape[0] >= 2 for shape in stacked[1:]), stacked
@@ -321,18 +327,9 @@ def test_cpu_batches_are_small_and_stay_under_the_arena_shrink_size(tiny_reposit
             batcher = app.service.model("tiny").batcher
             assert batcher.limits.max_batch_size == 4
             assert batcher.limits.max_batch_pixels == shrink_at - 1
-            with held_engine(app) as held:
-                first = post_later(app, "/segment", content=image_bytes(16, 16), headers=PNG)
-                assert held.running.wait(30)
-                later = [post_later(app, "/segment", content=d, headers=PNG) for d in three]
-                # All three queued (the next batch may already be taken from them).
-                deadline = time.monotonic() + 30
-                while batcher.depth < 3:
-                    assert time.monotonic() < deadline, "the requests never queued"
-                    time.sleep(0.01)
-                held.gate.set()
-                assert [f.result(60).status_code for f in [first, *later]] == [200] * 4
-            assert max(len(run) for run in held.runs[1:]) == most_per_run, held.runs
+            responses, runs = behind_a_held_run(app, three)
+            assert [r.status_code for r in responses] == [200] * 3
+            assert max(len(run) for run in runs) == most_per_run, runs
     with in_process(tiny_repository, cpu_mem_arena=False) as app:  # no arena to keep
         limits = app.service.model("tiny").batcher.limits
         assert limits.max_batch_pixels == Settings().max_batch_pixels
