@@ -90,13 +90,19 @@ def plan_next(jobs: Sequence[J], limits: Limits, cost: CostModel) -> list[J]:
     other sizes, nearest first, each only if the cost model predicts one merged run beats
     running it apart. Always within `max_batch_size` and `max_batch_pixels`. Taking the
     oldest job's group first means no size waits behind a busier one.
+
+    Joiners come only from the oldest `max_batch_size` jobs. A joiner from deeper in the
+    queue overtakes every older job it leaves behind, and on mixed traffic the sizes of
+    which more fit under the pixel budget would keep overtaking the others (measured at 16
+    concurrent: 500x375 p50 1.2 s, 480x640 2.5 s): a few % more throughput for a longer
+    tail. With the window a job is overtaken by at most `max_batch_size - 1` others per run.
     """
     if not jobs:
         return []
     ordered = sorted(jobs, key=lambda j: j.enqueued)
     head = ordered[0]
     batch = [head]
-    rest = ordered[1:]
+    rest = ordered[1 : limits.max_batch_size]
     same = [j for j in rest if j.size == head.size]
     others = sorted(
         (j for j in rest if j.size != head.size),

@@ -80,3 +80,13 @@ def test_backlog_counts_what_runs_and_what_waits():
     assert predicted_backlog([], LIMITS, CPU, running_left=0.5) == 0.5
     backlog = predicted_backlog([100_000] * 9, LIMITS, CPU, running_left=0.1)
     assert backlog == pytest.approx(0.1 + 2 * 0.002 + 0.8e-6 * 900_000)
+
+
+def test_joiners_come_only_from_the_oldest_max_batch_size_jobs():
+    # Two old large jobs, then a run of small ones: a small head may take small joiners only
+    # from the oldest four, never from behind the large jobs it would otherwise overtake.
+    small = [J((100, 100), t) for t in (0, 3, 4, 5)]
+    large = [J((480, 640), t) for t in (1, 2)]
+    batch = plan_next([*small, *large], Limits(4, 10**9, 16), CPU)
+    assert [j.enqueued for j in batch] == [0, 3]
+    assert plan_next([*small, *large], Limits(8, 10**9, 16), CPU) == small
