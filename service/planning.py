@@ -10,6 +10,7 @@ costs hundreds, that is (almost) never; on a GPU, often.
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 from collections import deque
@@ -99,18 +100,15 @@ def plan_next(jobs: Sequence[J], limits: Limits, cost: CostModel) -> list[J]:
     """
     if not jobs:
         return []
-    ordered = sorted(jobs, key=lambda j: j.enqueued)
-    head = ordered[0]
+    # The window is also the batch-size bound: head plus at most max_batch_size - 1 joiners.
+    head, *rest = heapq.nsmallest(limits.max_batch_size, jobs, key=lambda j: j.enqueued)
     batch = [head]
-    rest = ordered[1 : limits.max_batch_size]
     same = [j for j in rest if j.size == head.size]
     others = sorted(
         (j for j in rest if j.size != head.size),
         key=lambda j: abs(j.size[0] * j.size[1] - head.size[0] * head.size[1]),
     )
     for job in [*same, *others]:
-        if len(batch) >= limits.max_batch_size:
-            break
         sizes = [j.size for j in batch]
         merged = group_pixels([*sizes, job.size], limits.size_divisor)
         if merged > limits.max_batch_pixels:
