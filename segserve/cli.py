@@ -38,6 +38,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
         help="random rescaling range before the crop",
     )  # fmt: skip
+    recipe.add_argument(
+        "--border-margin", type=int, default=0,
+        help="pad each image by this many pixels (mean colour, ignored) before the crop, so "
+        "crops hold image borders as served images do",
+    )  # fmt: skip
     recipe.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimiser")
     recipe.add_argument(
         "--lr", type=float, default=None,
@@ -55,8 +60,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "(the same step needs the rate times the pixel count; see training/recipes.py)",
     )  # fmt: skip
     recipe.add_argument(
-        "--class-weighting", choices=("none", "median"), default=None,
-        help="median: median frequency balancing of the loss (rare classes weigh more)",
+        "--class-weighting", choices=("none", "median", "sqrt"), default=None,
+        help="median: median frequency balancing of the loss (rare classes weigh more); "
+        "sqrt: its square root (the background is not made cheap to paint over)",
     )  # fmt: skip
     recipe.add_argument(
         "--bias-lr-mult", type=float, default=None, help="biases learn at this times the rate"
@@ -92,6 +98,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--amp", action=argparse.BooleanOptionalAction, default=True,
         help="mixed precision: float16 on CUDA, bfloat16 on CPUs that compute it natively",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the training step (about 1.15x on CPU after a minute of compiling)",
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
     p.add_argument("--seed", type=int, default=0, help="same seed, same run (on one device)")

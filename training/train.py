@@ -62,13 +62,16 @@ class TrainConfig:
     batch_size: int | None = None
     crop_size: int | None = None
     scale: tuple[float, float] | None = None
+    # Pixels of padding (mean colour, ignored by the loss) around each image before the crop,
+    # so crops hold image borders as served images do; 0: crops from inside only.
+    border_margin: int = 0
     optimizer: str | None = None
     lr: float | None = None  # None: the recipe's (0.001 for adamw where the recipe is sgd)
     momentum: float | None = None
     weight_decay: float | None = None
     poly_power: float | None = None
     loss: str | None = None  # "mean" over labelled pixels or "sum" (the authors' Caffe loss)
-    class_weighting: str | None = None  # "none" or "median" (median frequency balancing)
+    class_weighting: str | None = None  # "none", "median" (median frequency balancing) or "sqrt"
     bias_lr_mult: float | None = None
     bias_decay: bool | None = None
     width: int = 64
@@ -79,6 +82,7 @@ class TrainConfig:
     stop_after: int | None = None
     device: str = "auto"
     amp: bool = True
+    compile: bool = False  # torch.compile the training forward/backward (about 1.15x on CPU)
     workers: int = 2
     seed: int = 0
     max_train_images: int | None = None
@@ -97,9 +101,10 @@ class TrainConfig:
         self.scale = tuple(self.scale)
         if self.loss not in ("mean", "sum"):
             raise ValueError(f"loss must be 'mean' or 'sum', not {self.loss!r}")
-        if self.class_weighting not in ("none", "median"):
+        if self.class_weighting not in CLASS_WEIGHTINGS:
             raise ValueError(
-                f"class_weighting must be 'none' or 'median', not {self.class_weighting!r}"
+                f"class_weighting must be one of {', '.join(CLASS_WEIGHTINGS)}, "
+                f"not {self.class_weighting!r}"
             )
 
     @property
@@ -129,6 +134,11 @@ class EvalShard(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+# none; median frequency balancing; its square root, which keeps rare classes up without
+# making the background (10x below the median on the shapes set) cheap to paint over.
+CLASS_WEIGHTINGS = ("none", "median", "sqrt")
 
 
 def median_frequency_weights(pixels: np.ndarray, present_in: np.ndarray) -> np.ndarray:
@@ -297,7 +307,7 @@ def train(cfg: TrainConfig) -> dict:
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     train_set = VOCSegmentation(
-        cfg.data, "train", TrainTransform(cfg.crop_size, mean, std, scale=cfg.scale)
+        cfg.data, "train", TrainTransform(cfg.crop_size, mean, std, scale=cfg.scale, margin=cfg.border_margin)
     )
     val_set = VOCSegmentation(cfg.data, "val", EvalTransform(mean, std))
     if cfg.max_train_images:
@@ -327,8 +337,10 @@ def train(cfg: TrainConfig) -> dict:
     # bf16 keeps float32's exponent range, so only float16 needs loss scaling
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     weights = None
-    if cfg.class_weighting == "median":
+    if cfg.class_weighting != "none":
         weights = torch.as_tensor(median_frequency_weights(*train_set.class_pixels()))
+        if cfg.class_weighting == "sqrt":
+            weights = weights.sqrt()
     criterion = nn.CrossEntropyLoss(
         weight=None if weights is None else weights.float().to(device),
         ignore_index=255,
@@ -350,6 +362,8 @@ def train(cfg: TrainConfig) -> dict:
 
     ddp_devices = [device] if device.type == "cuda" else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices) if world > 1 else model
+    if cfg.compile:  # training steps only: validation runs whole images of many sizes
+        net = torch.compile(net)
     config = {
         **cfg.as_json(), "lr": cfg.base_lr, "num_classes": num_classes,
         "class_names": train_set.class_names, "world_size": world,
