@@ -20,15 +20,16 @@ import torch
 from segserve.contracts.palette import VOC_CLASSES, voc_palette
 from segserve.export.onnx_export import export_checkpoint
 from segserve.models import build_model
-from segserve.training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
+from segserve.training.checkpoint import checkpoint_fields, save_checkpoint
 
 
 def checkpoint(path: Path, arch: str, **opts) -> Path:
     torch.manual_seed(0)
     model = build_model(arch, 21, **opts).eval()
-    save_checkpoint(path, architecture=arch, model_options=opts, num_classes=21, class_names=list(VOC_CLASSES),
-                    palette=voc_palette(21), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    state_dict=model.state_dict(), metrics={}, trained_on="untrained")  # fmt: skip
+    fields = checkpoint_fields(
+        model, arch, opts, list(VOC_CLASSES), voc_palette(21), trained_on="untrained"
+    )
+    save_checkpoint(path, **fields)
     return path
 
 

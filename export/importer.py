@@ -11,26 +11,23 @@ version whose card is complete. When the graph cannot be served, it says why and
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from segserve.contracts.card import ModelCard
+from segserve.contracts.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard
 from segserve.contracts.palette import VOC_CLASSES, voc_palette
-from segserve.contracts.repository import CARD_FILE, MODEL_FILE, next_version, version_dir
+from segserve.contracts.repository import next_version, publishing, version_dir, write_version
+from segserve.errors import UserError
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 DTYPES = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.FLOAT: "float32",
           onnx.TensorProto.FLOAT16: "float16"}  # fmt: skip
 CHECK_SIZES = ((1, 37, 53), (2, 64, 48))  # (N, H, W): odd, and a batch of two
 
 
-class ImportRefused(ValueError):
+class ImportRefused(UserError, ValueError):
     """The file cannot be served as it is; the message says why and what to pass."""
 
 
@@ -208,22 +205,7 @@ def import_model(
     card = describe(Path(model_path), name, **options)
     repository = Path(repository)
     version = next_version(repository, name) if version is None else version
-    target = version_dir(repository, name, version)
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} exists; pass --force to overwrite it")
     card = card.replace(version=version)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
-        model = onnx.load(str(model_path))
-        del model.metadata_props[:]
-        for key, value in card.to_metadata().items():
-            model.metadata_props.add(key=key, value=value)
-        onnx.save(model, str(Path(tmp) / MODEL_FILE))
-        check_runs(Path(tmp) / MODEL_FILE, card)
-        (Path(tmp) / CARD_FILE).write_text(card.to_json())
-        if target.exists():
-            shutil.rmtree(target)
-        Path(tmp).rename(target)
-        target.chmod(0o755)
-        Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
-    return target
+    with publishing(repository, name, version, force) as folder:
+        check_runs(write_version(folder, onnx.load(str(model_path)), card), card)
+    return version_dir(repository, name, version)

@@ -13,8 +13,6 @@ odd sizes and a batch of two; a failing export leaves the repository as it was.
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +22,15 @@ import onnx
 import torch
 from torch import nn
 
-from segserve.contracts.architectures import size_divisor
 from segserve.contracts.card import ModelCard
-from segserve.contracts.repository import CARD_FILE, MODEL_FILE, next_version, version_dir
+from segserve.contracts.repository import (
+    MODEL_FILE,
+    next_version,
+    publishing,
+    version_dir,
+    write_version,
+)
+from segserve.errors import UserError
 from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 OPSET = 18
@@ -40,7 +44,7 @@ FP32_MIN_AGREEMENT = 0.9999
 FP16_MIN_AGREEMENT = 0.995
 
 
-class ParityError(RuntimeError):
+class ParityError(UserError, RuntimeError):
     """onnxruntime's output differs from PyTorch's beyond the thresholds."""
 
 
@@ -98,31 +102,15 @@ class ParityReport:
 def model_card(
     ckpt: dict, name: str, version: int, fp16: bool, labels: bool, uint8_input: bool
 ) -> ModelCard:
-    """The card of what is being exported: everything the service needs to know."""
-    return ModelCard(
-        name=name,
-        version=version,
-        architecture=ckpt["architecture"],
-        model_options=ckpt["model_options"],
-        num_classes=ckpt["num_classes"],
-        class_names=ckpt["class_names"],
-        palette=ckpt["palette"][: ckpt["num_classes"]],
-        mean=ckpt["mean"],
-        std=ckpt["std"],
+    """The card of what is being exported: the checkpoint's fields and the export's own."""
+    return ModelCard.from_checkpoint(
+        ckpt, name=name, version=version,
         input_dtype="uint8" if uint8_input else "float16" if fp16 else "float32",
         input_layout="NHWC" if uint8_input else "NCHW",
-        precision="float16" if fp16 else "float32",
-        output="labels" if labels else "logits",
-        size_divisor=size_divisor(ckpt["architecture"]),
-        trained_on=ckpt.get("trained_on", "unknown"),
-        metrics={
-            k: ckpt.get("metrics", {}).get(k)
-            for k in ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
-        },
+        precision="float16" if fp16 else "float32", output="labels" if labels else "logits",
         exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        torch_version=str(torch.__version__),
-        opset=OPSET,
-    )
+        torch_version=str(torch.__version__), opset=OPSET,
+    )  # fmt: skip
 
 
 def write_onnx(segmenter: Segmenter, path: Path) -> None:
@@ -147,15 +135,12 @@ def write_onnx(segmenter: Segmenter, path: Path) -> None:
     program.save(str(path))
 
 
-def attach_metadata(src: Path, card: ModelCard, dst: Path) -> None:
-    """`src` with the card in its metadata_props, checked, written to `dst`."""
-    model = onnx.load(str(src))
-    del model.metadata_props[:]
-    for key, value in card.to_metadata().items():
-        model.metadata_props.add(key=key, value=value)
+def checked_model(path: Path, card: ModelCard) -> onnx.ModelProto:
+    """The exported graph, described and checked, ready to publish."""
+    model = onnx.load(str(path))
     model.doc_string = f"segserve {card.architecture} ({card.name} v{card.version})"
     onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(dst))
+    return model
 
 
 def optimize_offline(src: Path, dst: Path) -> None:
@@ -258,49 +243,33 @@ def export_checkpoint(
     net = model_from_checkpoint(ckpt).eval()
     repository = Path(repository)
     version = next_version(repository, name) if version is None else int(version)
-    target = version_dir(repository, name, version)
-    if target.exists() and not force:
-        raise FileExistsError(
-            f"{target} exists; pass --force to overwrite it or omit --version for a new one"
-        )
     card = model_card(ckpt, name, version, fp16, output == "labels", input == "uint8")
     dtype = torch.float16 if fp16 else torch.float32
     exported = model_from_checkpoint(ckpt).half().eval() if fp16 else net
     segmenter = Segmenter(
         exported, card.mean, card.std, card.takes_uint8, card.output == "labels", dtype
     ).eval()
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
-        raw, final = Path(tmp) / "raw.onnx", Path(tmp) / MODEL_FILE
+    with publishing(repository, name, version, force) as folder:
+        raw = folder / "raw.onnx"
         log(
             f"exporting {ckpt['architecture']} ({ckpt['num_classes']} classes) to ONNX opset {OPSET} ..."
         )
         write_onnx(segmenter, raw)
         if optimize:
-            optimized = Path(tmp) / "optimized.onnx"
+            optimized = folder / "optimized.onnx"
             optimize_offline(raw, optimized)
             raw.unlink()
             raw = optimized
         log(f"parity against PyTorch on {len(parity_shapes)} shapes ...")
         report = check_parity(raw, net, card, fp16, parity_shapes)
-        card = card.replace(parity=report.as_dict())
+        card = card.replace(parity=report.as_dict())  # the card carries its own parity figures
         if not report.passed:
             raise ParityError(
                 f"parity failed, nothing published: max |delta logits| {report.max_abs_diff} "
                 f"(limit {report.threshold_max_abs}), argmax agreement {report.agreement:.6%} "
                 f"(limit {report.threshold_agreement:.2%})"
             )
-        attach_metadata(raw, card, final)  # the card carries its own parity figures
-        (Path(tmp) / CARD_FILE).write_text(card.to_json())
+        write_version(folder, checked_model(raw, card), card)
         raw.unlink()
-        if target.exists():
-            shutil.rmtree(target)
-        Path(tmp).rename(target)
-        # mkdtemp makes the folder private (0700); a server running as another user (the
-        # images' uid 10001) must be able to read it.
-        target.chmod(0o755)
-        # TemporaryDirectory's cleanup must not fail on the moved folder.
-        Path(tmp).mkdir()
-    path = target / MODEL_FILE
+    path = version_dir(repository, name, version) / MODEL_FILE
     return ExportResult(path, card, report, time.perf_counter() - t0, path.stat().st_size)

@@ -21,21 +21,39 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_checkpoint(path, architecture="unet", num_classes=4, **opts):
+    """An untrained network saved as training saves one."""
     import torch
 
     from segserve.models import build_model
-    from segserve.training.checkpoint import IMAGENET_MEAN, IMAGENET_STD, save_checkpoint
+    from segserve.training.checkpoint import checkpoint_fields, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model(architecture, num_classes, **opts).eval()
     names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
+    palette = [[i * 20, 255 - i * 20, i * 5] for i in range(num_classes)]
+    scores = {"pixel_accuracy": 0.9, "mean_accuracy": 0.8, "mean_iu": 0.7, "fw_iu": 0.85}
     save_checkpoint(
-        path, architecture=architecture, model_options=opts, num_classes=num_classes, class_names=names,
-        palette=[[i * 20, 255 - i * 20, i * 5] for i in range(num_classes)], mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        size_divisor=16 if architecture == "unet" else 32, state_dict=model.state_dict(),
-        metrics={"pixel_accuracy": 0.9, "mean_accuracy": 0.8, "mean_iu": 0.7, "fw_iu": 0.85}, trained_on="test",
-    )  # fmt: skip
+        path, **checkpoint_fields(model, architecture, opts, names, palette, scores, "test")
+    )
     return path
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "the condition") -> None:
+    """Poll `condition()` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.01)
+
+
+async def await_for(condition, timeout: float = 30.0, what: str = "the condition") -> None:
+    """`wait_for` on an event loop: polls without blocking it."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

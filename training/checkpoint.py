@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from segserve.contracts.architectures import MODEL_NAMES
+from segserve.contracts.card import IMAGENET_MEAN, IMAGENET_STD
+from segserve.errors import UserError
 from segserve.models import build_model
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 REQUIRED_KEYS = (
     "architecture",
     "model_options",
@@ -24,8 +24,23 @@ REQUIRED_KEYS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, unreadable or not one of ours."""
+
+
+def checkpoint_fields(
+    model: nn.Module, architecture: str, model_options: dict, class_names: list[str],
+    palette: list[list[int]], metrics: dict | None = None, trained_on: str = "unknown",
+    mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD, **extra,
+) -> dict:  # fmt: skip
+    """What a checkpoint holds: the weights and every field the model card is made of
+    (ModelCard.from_checkpoint reads them), plus `extra` (epoch, optimiser state, ...)."""
+    return dict(
+        architecture=architecture, model_options=model_options, num_classes=len(class_names),
+        class_names=list(class_names), palette=palette, mean=mean, std=std,
+        state_dict=model.state_dict(), metrics=metrics or {}, trained_on=trained_on,
+        torch_version=str(torch.__version__), **extra,
+    )  # fmt: skip
 
 
 def save_checkpoint(path: Path, **fields) -> None:

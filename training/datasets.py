@@ -16,9 +16,10 @@ import numpy as np
 from PIL import Image
 
 from segserve.contracts.palette import VOC_CLASSES, voc_palette
+from segserve.errors import UserError
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A data folder that is missing, incomplete or malformed."""
 
 

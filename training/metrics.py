@@ -43,10 +43,6 @@ class ConfusionMatrix:
             self.num_classes, self.num_classes
         )
 
-    def merge(self, other: np.ndarray) -> None:
-        """Add another matrix (e.g. all-reduced across DDP ranks)."""
-        self.matrix += np.asarray(other, dtype=np.int64)
-
     def scores(self) -> dict:
         return segmentation_scores(self.matrix)
 

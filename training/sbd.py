@@ -24,12 +24,13 @@ import numpy as np
 from PIL import Image
 
 from segserve.contracts.palette import pil_palette, voc_palette
+from segserve.errors import UserError
 from segserve.training.datasets import find_voc_root
 
 NUM_VOC_CLASSES = 21
 
 
-class SBDError(ValueError):
+class SBDError(UserError, ValueError):
     """An SBD or VOC folder that is missing, incomplete or malformed."""
 
 

@@ -16,3 +16,8 @@ MODEL_NAMES = tuple(SIZE_DIVISORS)
 def size_divisor(architecture: str) -> int:
     """The stride of `architecture`; 1 (no constraint) for one segserve did not build."""
     return SIZE_DIVISORS.get(architecture, 1)
+
+
+def padded_size(size: tuple[int, int], divisor: int) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of `divisor`: what a batch pads an image to."""
+    return -(-size[0] // divisor) * divisor, -(-size[1] // divisor) * divisor

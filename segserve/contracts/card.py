@@ -9,11 +9,23 @@ is hard-coded anywhere else.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
+from segserve.contracts.architectures import size_divisor
 from segserve.contracts.palette import pil_palette
+from segserve.errors import UserError
+
+# The normalisation torchvision's ImageNet weights expect (RGB, 0..1 scale): what segserve
+# trains with, and what an imported float model is assumed to take unless told otherwise.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# The paper's four scores (DESIGN.md), as a card's `metrics` names them.
+SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
 
 INPUT_DTYPES = ("uint8", "float32", "float16")
 INPUT_LAYOUTS = ("NHWC", "NCHW")
@@ -32,7 +44,7 @@ REQUIRED = (
 )
 
 
-class ModelCardError(ValueError):
+class ModelCardError(UserError, ValueError):
     """Metadata that is missing, malformed or inconsistent."""
 
 
@@ -63,6 +75,8 @@ class ModelCard:
     torch_version: str = ""
     opset: int | None = None
     parity: dict[str, Any] | None = None
+    # How the weights came to be: commit, command, device and arithmetic, wall time (train).
+    provenance: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.output_name:
@@ -139,6 +153,27 @@ class ModelCard:
         return json.dumps(self.as_dict(), indent=2) + "\n"
 
     @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any], **export_fields: Any) -> ModelCard:
+        """The card of the network a training checkpoint describes (training/checkpoint.py
+        writes those fields); `export_fields` are the export's own: name, version, input,
+        output, precision, ..."""
+        n = ckpt["num_classes"]
+        scores = ckpt.get("metrics") or {}
+        metrics: dict[str, Any] = {k: scores.get(k) for k in SCORES}
+        if scores.get("per_class_iu") is not None:
+            metrics["per_class_iu"] = {
+                name: None if math.isnan(iu) else iu
+                for name, iu in zip(ckpt["class_names"], scores["per_class_iu"], strict=True)
+            }
+        return cls(
+            architecture=ckpt["architecture"], model_options=ckpt["model_options"],
+            num_classes=n, class_names=ckpt["class_names"], palette=ckpt["palette"][:n],
+            mean=ckpt["mean"], std=ckpt["std"], size_divisor=size_divisor(ckpt["architecture"]),
+            trained_on=ckpt.get("trained_on", "unknown"), metrics=metrics,
+            provenance=ckpt.get("provenance"), **export_fields,
+        )  # fmt: skip
+
+    @classmethod
     def from_metadata(cls, props: dict[str, str]) -> ModelCard:
         """Parse the string map onnxruntime returns (`custom_metadata_map`)."""
         text_fields = {f.name for f in fields(cls) if f.type == "str"}
@@ -181,6 +216,24 @@ class ModelCard:
                 raise
             raise ModelCardError(f"malformed model card: {exc}") from exc
         return card
+
+
+def read_card(metadata: Mapping[str, str], beside: Path) -> ModelCard:
+    """A served file's card: its own ONNX metadata (`metadata`), else the model.json at
+    `beside` (so that a file from elsewhere can enter with a card written by hand)."""
+    if "num_classes" not in metadata and beside.is_file():
+        try:
+            return ModelCard.from_dict(json.loads(beside.read_text()))
+        except ValueError as exc:
+            raise ModelCardError(
+                f"{beside.name} beside the model is not a model card: {exc}"
+            ) from exc
+    if "num_classes" not in metadata:
+        raise ModelCardError(
+            "this ONNX file has no model card (its metadata and no model.json): bring it in with "
+            "`segserve import MODEL.onnx --repository REPO --name NAME --classes voc|FILE.json`"
+        )
+    return ModelCard.from_metadata(dict(metadata))
 
 
 def _upgrade(values: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,18 @@ VERSION is a positive integer; the newest version of a name is its default.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
+
+    from segserve.contracts.card import ModelCard
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
@@ -78,3 +87,39 @@ def versions_of(repository: Path, name: str) -> list[int]:
 def next_version(repository: Path, name: str) -> int:
     versions = versions_of(repository, name)
     return versions[-1] + 1 if versions else 1
+
+
+@contextmanager
+def publishing(repository: Path, name: str, version: int, force: bool = False) -> Iterator[Path]:
+    """A private folder to write a new version into. When the block ends without an error,
+    the folder becomes REPO/NAME/VERSION at once (a server polling the repository never sees
+    half a version); after an error the repository is as it was. An existing version is
+    refused unless `force`."""
+    target = version_dir(repository, name, version)
+    if target.exists() and not force:
+        raise FileExistsError(
+            f"{target} exists; pass --force to overwrite it, or no --version for a new one"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A hidden name: walk() skips it while it is being written.
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
+        yield Path(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        Path(tmp).rename(target)
+        # mkdtemp makes the folder private (0700); a server running as another user (the
+        # images' uid 10001) must be able to read it.
+        target.chmod(0o755)
+        Path(tmp).mkdir()  # TemporaryDirectory's cleanup must find a folder to remove
+
+
+def write_version(folder: Path, model: onnx.ModelProto, card: ModelCard) -> Path:
+    """model.onnx with the card in its metadata_props, and model.json beside it; returns
+    the model's path. (The proto is serialised here: no onnx import needed.)"""
+    del model.metadata_props[:]
+    for key, value in card.to_metadata().items():
+        model.metadata_props.add(key=key, value=value)
+    path = Path(folder) / MODEL_FILE
+    path.write_bytes(model.SerializeToString())
+    (Path(folder) / CARD_FILE).write_text(card.to_json())
+    return path
