@@ -44,7 +44,7 @@ def measure(model: Path, setting: str, seconds: float, large: bool, shrink_pixel
     engine = Engine.load(model, "cpu", os.cpu_count() or 1, **options)
     rng = np.random.default_rng(0)
     sizes = MIX + ([(1000, 1000)] if large else [])
-    batches = [engine.batch([engine.prepare(rng.integers(0, 256, (h, w, 3), np.uint8))]) for h, w in sizes]  # fmt: skip
+    batches = [engine.stack([engine.prepare(rng.integers(0, 256, (h, w, 3), np.uint8))]) for h, w in sizes]  # fmt: skip
     result: dict = {}
 
     def work() -> None:
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--model", default="unet-shapes")
     p.add_argument("--seconds", type=float, default=10.0, help="per setting and mix")
     p.add_argument("--rounds", type=int, default=2, help="every setting this often, interleaved")
-    from segserve.service.engine import ARENA_SHRINK_PIXELS
+    from segserve.service.settings import ARENA_SHRINK_PIXELS
 
     p.add_argument(
         "--shrink-pixels", type=int, default=ARENA_SHRINK_PIXELS, help="default: segserve's"

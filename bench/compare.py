@@ -19,13 +19,15 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from segserve import loadgen
-from segserve.contracts.repository import versions_of
+from segserve.contracts.repository import walk
 from segserve.service.engine import Engine
 from segserve.service.imaging import decode_image
 
@@ -36,7 +38,7 @@ def time_session(
     engine: Engine, images: list[np.ndarray], seconds: float, min_runs: int = 3
 ) -> float:
     """Mean seconds per session.run on `images` as one batch (after one warm-up run)."""
-    batch = engine.batch([engine.prepare(im) for im in images])
+    batch = engine.stack([engine.prepare(im) for im in images])
     sizes = [im.shape[:2] for im in images]
     engine.run(batch, sizes)
     runs, start = 0, time.perf_counter()
@@ -56,20 +58,34 @@ def peak_rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def start(cmd: list[str], port: int, env: dict, log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+SEGSERVE = [sys.executable, "-m", "segserve.cli", "serve"]
+NAIVE = [sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--log-level", "warning"]
+
+
+@contextmanager
+def running(cmd: list[str], port: int, env: dict, log: Path) -> Iterator[subprocess.Popen]:
+    """A server process on `port`, up (its /metrics answers) for the block, then stopped."""
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{cmd[0]} exited:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
+        [*cmd, "--port", str(port)], cwd=ROOT, env={**os.environ, **env},
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{cmd[2]} exited:\n{log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"server on {port} did not start")
             time.sleep(0.2)
-    raise SystemExit(f"server on {port} did not start")
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def main() -> None:
@@ -98,10 +114,8 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
 
     # 1. The limit: bare session.run.
-    versions = versions_of(args.repository, args.model)
-    engine = Engine.load(
-        args.repository / args.model / str(versions[-1]) / "model.onnx", "cpu", threads
-    )
+    newest = [e for e in walk(args.repository) if e.name == args.model][-1]
+    engine = Engine.load(newest.model_path, "cpu", threads)
     rgb = decode_image(images[0].data, 10**9)
     bare = {}
     for n in (1, 2, 4, 8):
@@ -128,59 +142,28 @@ def main() -> None:
         "SEGSERVE_DEFAULT_MODEL": args.model,
         "SEGSERVE_INTRA_OP_THREADS": str(threads),
     }
-    log = args.out / "segserve.log"
-    proc = start(
-        [sys.executable, "-m", "segserve.cli", "serve", "--port", str(port)], port, env, log
-    )
-    url = f"http://127.0.0.1:{port}"
-    rss_idle = peak_rss_mb(proc.pid)
-    results = loadgen.bench(loadgen.Target(url), args.concurrency, args.duration, images)
-    rss_load = peak_rss_mb(proc.pid)
+    log, url = args.out / "segserve.log", f"http://127.0.0.1:{port}"
+    with running(SEGSERVE, port, env, log) as proc:
+        rss_idle = peak_rss_mb(proc.pid)
+        results = loadgen.bench(loadgen.Target(url), args.concurrency, args.duration, images)
+        rss_load = peak_rss_mb(proc.pid)
     print(loadgen.format_table(results), flush=True)
-    loadgen.plot(
-        results,
-        args.out / "segserve_concurrency.png",
-        title=f"segserve {args.model} {args.size} CPU",
-    )
-    proc.terminate()
-    proc.wait(60)
+    title = f"segserve {args.model} {args.size} CPU"
+    loadgen.plot(results, args.out / "segserve_concurrency.png", title=title)
     report["segserve"] = [r.__dict__ for r in results]
     report["segserve_rss_mb"] = {"after_load_idle": rss_idle[0], "peak_under_load": rss_load[1]}
 
-    proc = start(
-        [sys.executable, "-m", "segserve.cli", "serve", "--port", str(port)],
-        port,
-        {**env, "SEGSERVE_MAX_BATCH_SIZE": "1"},
-        log,
-    )
-    off = loadgen.bench(loadgen.Target(url), [16], args.duration, images)
-    proc.terminate()
-    proc.wait(60)
+    with running(SEGSERVE, port, {**env, "SEGSERVE_MAX_BATCH_SIZE": "1"}, log):
+        off = loadgen.bench(loadgen.Target(url), [16], args.duration, images)
     report["segserve_batching_off"] = [r.__dict__ for r in off]
     print("batching off:\n" + loadgen.format_table(off), flush=True)
 
     # 3. The naive baseline.
     naive_env = {"NAIVE_CHECKPOINT": str(args.checkpoint), "OMP_NUM_THREADS": str(threads)}
-    proc = start(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.naive_server:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        port,
-        naive_env,
-        args.out / "naive.log",
-    )
-    naive_idle = peak_rss_mb(proc.pid)
-    naive = loadgen.bench(loadgen.Target(url), [1, 4, 16], args.duration, images)
-    naive_peak = peak_rss_mb(proc.pid)
-    proc.terminate()
-    proc.wait(60)
+    with running(NAIVE, port, naive_env, args.out / "naive.log") as proc:
+        naive_idle = peak_rss_mb(proc.pid)
+        naive = loadgen.bench(loadgen.Target(url), [1, 4, 16], args.duration, images)
+        naive_peak = peak_rss_mb(proc.pid)
     print("naive:\n" + loadgen.format_table(naive), flush=True)
     report["naive"] = [r.__dict__ for r in naive]
     report["naive_rss_mb"] = {"after_load_idle": naive_idle[0], "peak_under_load": naive_peak[1]}

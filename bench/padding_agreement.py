@@ -40,7 +40,7 @@ def main() -> None:
     for start in range(0, len(images), args.batch):
         group = images[start : start + args.batch]
         items = [engine.prepare(im) for im in group]
-        batch = engine.batch(items)
+        batch = engine.stack(items)
         merged = engine.run(batch, [im.shape[:2] for im in group])
         padded += batch.shape[0] * int(np.prod(engine.item_size(batch[0]))) - sum(
             im.shape[0] * im.shape[1] for im in group

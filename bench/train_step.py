@@ -1,5 +1,5 @@
 """Training step speed on this machine: float32 against mixed precision (the autocast type
-`segserve train --amp` picks here), NCHW against channels-last, for one architecture, batch
+`segserve train --precision auto` picks here), NCHW against channels-last, for one architecture, batch
 and crop. Training's own step (forward, backward, AdamW) on random data; images per second.
 
     python -m bench.train_step --width 16 --batch 8 16 --crop 96
@@ -52,8 +52,10 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=96)
     p.add_argument("--steps", type=int, default=15)
     args = p.parse_args()
-    mixed = autocast_dtype(torch.device("cpu"), amp=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, --amp on CPU: {mixed}")
+    mixed = autocast_dtype(torch.device("cpu"), "auto")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, --precision auto on CPU: {mixed}"
+    )
     print("| batch | precision | layout | images/s |\n| --: | --- | --- | --: |")
     for batch, dtype, channels_last in itertools.product(
         args.batch, [None] + ([mixed] if mixed else []), [False, True]

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from segserve import __version__
 from segserve.service.core import InferenceService
 from segserve.service.errors import install_error_handlers
 from segserve.service.middleware import RequestMiddleware
@@ -22,14 +23,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await service.start()
+        await service.models.start()
         yield
         # After uvicorn stopped accepting and open requests finished: drain the queues.
-        await service.stop()
+        await service.models.stop()
 
     app = FastAPI(
         title="segserve",
-        version="0.1.0",
+        version=__version__,
         description="Semantic segmentation as a service.",
         lifespan=lifespan,
         docs_url=None,  # routes/docs.py: offline assets, the spec behind the API key
@@ -37,7 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.state.service = service
-    app.add_middleware(RequestMiddleware, metrics=service.metrics)
+    app.add_middleware(
+        RequestMiddleware, metrics=service.metrics, timeout_s=service.settings.request_timeout_s
+    )
     install_error_handlers(app)
     for module in (segment, models, health, v2, docs, page):
         app.include_router(module.router)

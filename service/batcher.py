@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from segserve.service.metrics import Saturation, Stage, Timings
 from segserve.service.planning import (
     CostModel,
     Limits,
@@ -61,29 +62,30 @@ class DeadlineExceeded(Exception):
 
 @dataclass(eq=False)
 class Job:
-    item: Any  # what `prepare_batch` stacks (a prepared image)
+    payload: Any  # what `stack` stacks (a prepared image)
     size: tuple[int, int]  # (H, W) the engine will see
     deadline: float  # on the batcher's clock
     future: asyncio.Future
     enqueued: float
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)  # its request's: shared by its images
 
     @property
     def pixels(self) -> int:
         return self.size[0] * self.size[1]
 
 
-# Stacks items into one input; run in a thread of the batcher's own, except for a single item,
-# which must be cheap (the engine returns a view) as it runs on the event loop.
-PrepareBatch = Callable[[list[Any]], Any]
+# Stacks payloads into one input; run in a thread of the batcher's own, except for a single
+# payload, which must be cheap (the engine returns a view) as it runs on the event loop.
+Stack = Callable[[list[Any]], Any]
 RunBatch = Callable[[Any, list[tuple[int, int]]], list[Any]]
-OnBatch = Callable[[int, float], None]
+# After each run: (images, pixels computed with padding, of which padding, seconds).
+OnBatch = Callable[[int, int, int, float], None]
 
 
 class Batcher:
     def __init__(
         self,
-        prepare_batch: PrepareBatch,
+        stack: Stack,
         run_batch: RunBatch,
         limits: Limits,
         cost: CostModel,
@@ -93,7 +95,7 @@ class Batcher:
         on_batch: OnBatch | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.prepare_batch, self.run_batch = prepare_batch, run_batch
+        self.stack, self.run_batch = stack, run_batch
         self.limits, self.cost = limits, cost
         self.max_queue, self.max_queued_pixels = max_queue, max_queued_pixels
         self.max_delay = max_queue_delay_ms / 1000
@@ -104,6 +106,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._running: asyncio.Task | None = None
         self._running_end = 0.0  # predicted, on self.clock
+        self._running_pixels = 0  # computed by the batch in session.run, padding included
         self._prep_estimate = 0.0
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -120,6 +123,11 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self.pending) + len(self._next)
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine is running a batch now."""
+        return self._engine_busy()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="segserve-batcher")
@@ -140,12 +148,28 @@ class Batcher:
         queued = [j.pixels for j in self.waiting]
         return predicted_backlog([*queued, *pixels], self.limits, self.cost, running_left)
 
-    def submit(self, items: list[tuple[Any, tuple[int, int]]], deadline: float) -> list[Job]:
-        """Queue every (item, (H, W)) of one request, or none of them (raises Rejected)."""
+    def saturation(self) -> Saturation:
+        """How full this batcher is now (the autoscaling signal; read on the event loop)."""
+        waiting, now = self.waiting, self.clock()
+        return Saturation(
+            queued_images=len(waiting), queued_pixels=sum(j.pixels for j in waiting),
+            running_pixels=self._running_pixels if self.running else 0,
+            batch_capacity_pixels=self.limits.max_batch_pixels,
+            predicted_wait_s=self.predicted_wait([]),
+            oldest_wait_s=max((now - j.enqueued for j in waiting), default=0.0),
+        )  # fmt: skip
+
+    def submit(
+        self, payloads: list[tuple[Any, tuple[int, int]]], deadline: float,
+        timings: Timings | None = None,
+    ) -> list[Job]:  # fmt: skip
+        """Queue every (payload, (H, W)) of one request, or none of them (raises Rejected).
+        The batcher writes the stages it measures (preprocess: stacking; queue; inference)
+        into the request's `timings`."""
         if self._stopping:
             raise ShuttingDown("the server is shutting down", retry_after=5)
-        pixels = [h * w for _, (h, w) in items]
-        if self.depth + len(items) > self.max_queue:
+        pixels = [h * w for _, (h, w) in payloads]
+        if self.depth + len(payloads) > self.max_queue:
             raise QueueFull(
                 f"queue full ({self.depth} of {self.max_queue} images waiting)",
                 self.predicted_wait([]),
@@ -166,7 +190,11 @@ class Batcher:
                 wait,
             )
         loop = asyncio.get_running_loop()
-        jobs = [Job(item, size, deadline, loop.create_future(), now) for item, size in items]
+        timings = timings if timings is not None else Timings()
+        jobs = [
+            Job(payload, size, deadline, loop.create_future(), now, timings)
+            for payload, size in payloads
+        ]
         self.pending.extend(jobs)
         self._wake.set()
         return jobs
@@ -225,11 +253,11 @@ class Batcher:
             self._next = group
             t0 = self.clock()
             try:
-                items = [j.item for j in group]
+                payloads = [j.payload for j in group]
                 if len(group) == 1:  # a batch of one is a view: a thread hop would cost more
-                    batch = self.prepare_batch(items)
+                    batch = self.stack(payloads)
                 else:
-                    batch = await loop.run_in_executor(self._executor, self.prepare_batch, items)
+                    batch = await loop.run_in_executor(self._executor, self.stack, payloads)
             except Exception as exc:  # a batch that cannot be formed fails its own jobs only
                 self._next = []
                 _fail(group, exc)
@@ -241,10 +269,11 @@ class Batcher:
             self._next = []
             if all(j.future.done() for j in group):
                 continue  # every request in it was answered meanwhile: nothing to compute
-            for job in group:
-                job.timings["batch"] = prep
+            for timings in _requests(group):
+                timings.add(Stage.PREPROCESS, prep)
             pixels = group_pixels([j.size for j in group], self.limits.size_divisor)
             self._running_end = self.clock() + self.cost.predict(pixels)
+            self._running_pixels = pixels
             self._running = loop.create_task(self._run(group, batch))
         if self._running is not None:
             await asyncio.wait({self._running})
@@ -252,12 +281,14 @@ class Batcher:
     async def _run(self, group: list[Job], batch: Any) -> None:
         start = self.clock()
         for job in group:
-            job.timings["queue"] = start - job.enqueued
+            job.timings.longest(Stage.QUEUE, start - job.enqueued)
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(
                 self._executor, self.run_batch, batch, [j.size for j in group]
             )
+            if len(results) != len(group):  # a broken engine must not leave futures waiting
+                raise RuntimeError(f"{len(results)} results for a batch of {len(group)}")
         except Exception as exc:
             if len(group) == 1:
                 _fail(group, exc)
@@ -265,12 +296,14 @@ class Batcher:
                 await loop.run_in_executor(self._executor, self._run_alone, group, loop)
             return
         elapsed = self.clock() - start
-        self.cost.observe(group_pixels([j.size for j in group], self.limits.size_divisor), elapsed)
+        computed = group_pixels([j.size for j in group], self.limits.size_divisor)
+        self.cost.observe(computed, elapsed)
         if self.on_batch is not None:
-            self.on_batch(len(group), elapsed)
+            self.on_batch(len(group), computed, computed - sum(j.pixels for j in group), elapsed)
+        for timings in _requests(group):
+            timings.add(Stage.INFERENCE, elapsed)
         for job, result in zip(group, results, strict=True):
             if not job.future.done():
-                job.timings["inference"] = elapsed
                 job.future.set_result(result)
 
     def _run_alone(self, group: list[Job], loop: asyncio.AbstractEventLoop) -> None:
@@ -280,12 +313,17 @@ class Batcher:
                 continue
             start = self.clock()
             try:
-                (result,) = self.run_batch(self.prepare_batch([job.item]), [job.size])
+                (result,) = self.run_batch(self.stack([job.payload]), [job.size])
             except Exception as exc:
                 loop.call_soon_threadsafe(_settle, job, None, exc)
                 continue
-            job.timings["inference"] = self.clock() - start
+            job.timings.add(Stage.INFERENCE, self.clock() - start)
             loop.call_soon_threadsafe(_settle, job, result, None)
+
+
+def _requests(group: list[Job]) -> list[Timings]:
+    """The timings of the requests a batch serves, each once."""
+    return list({id(j.timings): j.timings for j in group}.values())
 
 
 def _settle(job: Job, result: Any, exc: BaseException | None) -> None:

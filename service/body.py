@@ -1,5 +1,6 @@
-"""Reading a request body under a size limit and a time limit: a multipart field `image` or
-the raw bytes of an image. Everything a client can get wrong here is a 4xx with a reason."""
+"""The client's side of a request: its body, read under a size limit and a time limit (a
+multipart field `image` or the raw bytes of an image), and its leaving. Everything a client
+can get wrong here is a 4xx with a reason."""
 
 from __future__ import annotations
 
@@ -108,3 +109,11 @@ async def _multipart_image(request: Request, body: bytes, header: str) -> bytes:
         return await field.read()
     finally:
         await form.close()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (call it once the body has been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

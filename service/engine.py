@@ -1,6 +1,6 @@
 """One onnxruntime session per model version: the one place that turns images into labels.
 
-`prepare` (one image, in the request's own worker thread) -> `batch` (stack and pad a group)
+`prepare` (one image, in the request's own worker thread) -> `stack` (stack and pad a group)
 -> `run` (one `session.run`, crop each result back to its image). `segment` does all three
 for callers without a batcher (warm-up, `segserve predict`). The card says what the graph
 takes: uint8 pixels (normalised inside the graph, nothing to do here) or, for older and
@@ -10,7 +10,6 @@ imported models, float NCHW pixels normalised here.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from segserve.contracts.card import ModelCard, ModelCardError
+from segserve.contracts.architectures import padded_size
+from segserve.contracts.card import ModelCard, read_card
 from segserve.contracts.repository import CARD_FILE
+from segserve.errors import UserError
 from segserve.service.memory import give_back_memory
+from segserve.service.settings import ARENA_SHRINK_PIXELS
 
 log = logging.getLogger("segserve.engine")
 
@@ -31,15 +33,11 @@ PROVIDER_NAMES = {
 }
 
 
-# Runs on at least this many pixels hand the CPU arena's memory back when they finish;
-# smaller ones keep it for the next run: a photo (VGA is 0.31 MP) and CPU batches of a few
-# (three 512x512 images are 0.79 MP), which the batcher keeps under it.
-ARENA_SHRINK_PIXELS = 800_000
 _SHRINK_CPU_ARENA = ort.RunOptions()
 _SHRINK_CPU_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
-class ProviderUnavailable(RuntimeError):
+class ProviderUnavailable(UserError, RuntimeError):
     """An execution provider that was asked for by name did not load: a start-up error,
     never a silent fallback to a slower one."""
 
@@ -82,26 +80,6 @@ def provider_options(providers: list[str], cudnn_conv_algo_search: str) -> list[
     return options
 
 
-def read_card(session: ort.InferenceSession, path: Path) -> ModelCard:
-    """The model card: the ONNX file's own metadata, else a model.json beside it (so that a
-    file from elsewhere can be dropped into the repository with a card written by hand)."""
-    props = session.get_modelmeta().custom_metadata_map
-    beside = path.with_name(CARD_FILE)
-    if "num_classes" not in props and beside.is_file():
-        try:
-            return ModelCard.from_dict(json.loads(beside.read_text()))
-        except ValueError as exc:
-            raise ModelCardError(
-                f"{CARD_FILE} beside the model is not a model card: {exc}"
-            ) from exc
-    if "num_classes" not in props:
-        raise ModelCardError(
-            "this ONNX file has no model card (its metadata and no model.json): bring it in with "
-            "`segserve import MODEL.onnx --repository REPO --name NAME --classes voc|FILE.json`"
-        )
-    return ModelCard.from_metadata(props)
-
-
 @functools.cache
 def preload_cuda_libraries() -> None:
     """Load the CUDA and cuDNN libraries that onnxruntime-gpu's pip extras installed (the
@@ -111,10 +89,6 @@ def preload_cuda_libraries() -> None:
             ort.preload_dlls()
         except Exception as exc:  # noqa: BLE001 - reported, then the session creation decides
             log.warning("preloading the CUDA libraries failed: %s", exc)
-
-
-def padded_size(h: int, w: int, divisor: int) -> tuple[int, int]:
-    return -(-h // divisor) * divisor, -(-w // divisor) * divisor
 
 
 @dataclass
@@ -137,6 +111,7 @@ class Engine:
         spinning: bool = False,
         card: ModelCard | None = None,
         arena_shrink_pixels: int | None = ARENA_SHRINK_PIXELS,  # None: never shrink
+        card_path: Path | None = None,  # default: model.json beside the file
     ) -> Engine:
         chosen, strict = choose_providers(providers, ort.get_available_providers())
         if "CUDAExecutionProvider" in chosen:
@@ -168,7 +143,8 @@ class Engine:
         if chosen[0] not in loaded:
             log.warning("%s did not load for %s; running on %s", chosen[0], path, loaded[0])
         if card is None:
-            card = read_card(session, Path(path))
+            beside = card_path or Path(path).with_name(CARD_FILE)
+            card = read_card(session.get_modelmeta().custom_metadata_map, beside)
         engine = cls(
             session=session,
             card=card,
@@ -226,7 +202,7 @@ class Engine:
             return item.shape[0], item.shape[1]
         return item.shape[1], item.shape[2]
 
-    def batch(self, items: list[np.ndarray]) -> np.ndarray:
+    def stack(self, items: list[np.ndarray]) -> np.ndarray:
         """Stack prepared items into one input; items of different sizes are padded
         bottom/right to a common size rounded up to the size divisor. The padding is the
         data set's mean colour (zero after normalisation), which disturbs the net least."""
@@ -234,8 +210,8 @@ class Engine:
         if len(set(sizes)) == 1:
             return items[0][None] if len(items) == 1 else np.stack(items)
         div = self.card.size_divisor
-        h = max(padded_size(ih, iw, div)[0] for ih, iw in sizes)
-        w = max(padded_size(ih, iw, div)[1] for ih, iw in sizes)
+        h = max(padded_size(size, div)[0] for size in sizes)
+        w = max(padded_size(size, div)[1] for size in sizes)
         nhwc = self.card.input_layout == "NHWC"
         shape = (len(items), h, w, 3) if nhwc else (len(items), 3, h, w)
         out = np.empty(shape, dtype=items[0].dtype)
@@ -275,4 +251,4 @@ class Engine:
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Labels (H x W uint8) for RGB images in one `session.run`, without a batcher."""
         items = [self.prepare(im) for im in images]
-        return self.run(self.batch(items), [self.item_size(it) for it in items])
+        return self.run(self.stack(items), [self.item_size(it) for it in items])

@@ -1,22 +1,21 @@
-"""Pure functions from bytes to model input and from model output to bytes.
+"""Pure functions from an image's bytes to its RGB pixels: the header checked before any
+pixel is decoded, large images decoded straight to the size the network runs at.
 
-bytes -> RGB array (decode), labels -> PNG / overlay / masks (encode). No torch, no I/O
-beyond the bytes given; every failure is a typed error the HTTP layer maps to a 4xx. What
-lies between (the model's input and output) is the engine's.
+No torch, no I/O beyond the bytes given; every failure is a typed error the HTTP layer maps
+to a 4xx. The way back, labels to bytes, is render.py's.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from segserve.contracts.palette import palette_array, pil_palette
+from segserve.errors import UserError
 
 # What a segmentation service is sent. Pillow reads some forty formats; every other decoder
 # (JPEG 2000, DDS, PSD, FITS, ...) is attack surface and slow paths nobody needs here.
@@ -24,15 +23,15 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 EXIF_ORIENTATION = 0x0112
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """Not an image, or a corrupt / truncated one (HTTP 400)."""
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(UserError, ValueError):
     """More pixels than the limit allows (HTTP 413): checked from the header, before decoding."""
 
 
-class UnsupportedFormat(ValueError):
+class UnsupportedFormat(UserError, ValueError):
     """An image in a format the server does not accept (HTTP 415)."""
 
 
@@ -186,89 +185,9 @@ def _to_rgb_image(image: Image.Image) -> Image.Image:
     return image
 
 
-def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Labels at another size, by nearest neighbour (class ids are not averaged)."""
-    if labels.shape == (height, width):
-        return labels
-    return np.asarray(
-        Image.fromarray(labels, "L").resize((width, height), Image.Resampling.NEAREST)
-    )
-
-
 def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     if rgb.shape[:2] == (height, width):
         return rgb
     return np.asarray(
         Image.fromarray(rgb, "RGB").resize((width, height), Image.Resampling.BILINEAR)
     )
-
-
-def encode_label_png(labels: np.ndarray, palette: list[list[int]] | bytes) -> bytes:
-    """A mode-P PNG of class ids with the palette embedded (colours, or the 768 bytes of
-    `pil_palette`). zlib level 1 with the run-length strategy: label maps are runs, and
-    measured at the same CPU as plain level 1 it makes a third fewer bytes."""
-    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8), "P")
-    image.putpalette(palette if isinstance(palette, bytes) else pil_palette(palette))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
-    return buf.getvalue()
-
-
-def overlay(
-    rgb: np.ndarray, labels: np.ndarray, palette: list[list[int]], alpha: float = 0.5
-) -> np.ndarray:
-    """The image blended with class colours; background (class 0) left untouched."""
-    colors = palette_array(palette)[labels].astype(np.float32)
-    out = rgb.astype(np.float32)
-    fg = labels > 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * colors[fg]
-    return out.round().astype(np.uint8)
-
-
-def encode_rgb(rgb: np.ndarray, fmt: str = "PNG", compress_level: int = 1) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "PNG":
-        Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=compress_level)
-    else:
-        Image.fromarray(rgb, "RGB").save(buf, format=fmt, quality=90)
-    return buf.getvalue()
-
-
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    """A 1-bit PNG of one class's pixels."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(
-        buf, format="PNG", compress_level=1
-    )
-    return buf.getvalue()
-
-
-def encode_rle(mask: np.ndarray) -> dict:
-    """COCO's uncompressed RLE: run lengths in column-major order, starting with a 0-run.
-
-    pycocotools reads it with `mask.frPyObjects(rle, h, w)` then `mask.decode`.
-    """
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0, *counts]
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    h, w = rle["size"]
-    values = np.zeros(h * w, dtype=bool)
-    pos, on = 0, False
-    for n in rle["counts"]:
-        if on:
-            values[pos : pos + n] = True
-        pos += n
-        on = not on
-    return values.reshape((h, w), order="F")
-
-
-def class_stats(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Pixel count per class id (0..num_classes-1)."""
-    return np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]

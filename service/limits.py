@@ -1,9 +1,11 @@
-"""The pixels being worked on at once, across all requests: a bound on the memory requests
-hold (decoded pixels, labels, encoders' buffers), whatever sizes they declare.
+"""How much a request may hold: its images and pixels (413 beyond, checked before any pixel
+is decoded) and, across all requests, the pixels being worked on at once.
 
-Decoding runs in worker threads, which must never block waiting for budget (the requests
-holding it need those threads to finish): a thread only *tries* to take budget, and a
-request that gets none waits on the event loop, in arrival order, then tries again.
+The budget bounds the memory requests hold (decoded pixels, labels, encoders' buffers),
+whatever sizes they declare. Decoding runs in worker threads, which must never block
+waiting for budget (the requests holding it need those threads to finish): a thread only
+*tries* to take budget, and a request that gets none waits on the event loop, in arrival
+order, then tries again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,42 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from segserve.service.errors import ServiceError
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Images per request, pixels per image and per request: the 413s, in one place."""
+
+    max_images: int
+    max_image_pixels: int
+    max_request_pixels: int
+
+    def check_count(self, count: int) -> None:
+        if count > self.max_images:
+            raise ServiceError(
+                413, f"{count} images in one request; the limit is {self.max_images}",
+                reason="too_many_images",
+            )  # fmt: skip
+
+    def check_pixels(self, sizes: Sequence[tuple[int, int]]) -> None:
+        """`sizes`: (H, W) of each image of one request."""
+        self.check_count(len(sizes))
+        for h, w in sizes:
+            if h * w > self.max_image_pixels:
+                raise ServiceError(
+                    413, f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_image_pixels}",
+                    reason="too_many_pixels",
+                )  # fmt: skip
+        total = sum(h * w for h, w in sizes)
+        if total > self.max_request_pixels:
+            raise ServiceError(
+                413, f"the request's images have {total} pixels together; the limit is "
+                f"{self.max_request_pixels}", reason="too_many_pixels",
+            )  # fmt: skip
 
 
 class PixelBudget:

@@ -1,116 +1,159 @@
-"""Prometheus metrics, with the names of DESIGN.md, in a registry of the app's own."""
+"""What is measured: the Prometheus metrics (the names of DESIGN.md, in a registry of the
+app's own) and each request's stage timings, which feed them and the request's log line."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+
+class Stage(str, Enum):
+    """The stages of a request, in order; the `stage` label of segserve_stage_duration_seconds."""
+
+    DECODE = "decode"  # bytes to pixels
+    PREPROCESS = "preprocess"  # pixels to the model's input, and stacking a batch
+    QUEUE = "queue"  # waiting for the engine
+    INFERENCE = "inference"  # session.run
+    POSTPROCESS = "postprocess"  # labels back at the image's size, overlay, class counts
+    ENCODE = "encode"  # the answer's bytes
+
+
+# The stages a JSON answer reports (timings_ms), with "total".
+JSON_STAGES = (Stage.DECODE, Stage.QUEUE, Stage.INFERENCE, Stage.POSTPROCESS)
+TOTAL = "total"
+
+
+class Timings:
+    """One request's clock: when it arrived, its deadline, and the seconds each stage took.
+
+    One clock (time.monotonic) for all of it. Stages measured in several pieces add up; a
+    request of several images takes the longest queue wait of its images."""
+
+    __slots__ = ("arrived", "deadline", "seconds")
+
+    def __init__(self, timeout_s: float = float("inf"), arrived: float | None = None) -> None:
+        self.arrived = time.monotonic() if arrived is None else arrived
+        self.deadline = self.arrived + timeout_s
+        self.seconds: dict[Stage, float] = {}
+
+    @contextmanager
+    def stage(self, stage: Stage) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.add(stage, time.monotonic() - t0)
+
+    def add(self, stage: Stage, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def longest(self, stage: Stage, seconds: float) -> None:
+        self.seconds[stage] = max(self.seconds.get(stage, 0.0), seconds)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.arrived
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def milliseconds(self, stages: tuple[Stage, ...] = tuple(Stage)) -> dict[str, float]:
+        """{stage: ms} of the stages measured, in stage order, and the total so far."""
+        ms = {s.value: round(self.seconds[s] * 1000, 3) for s in stages if s in self.seconds}
+        return {**ms, TOTAL: round(self.elapsed() * 1000, 3)}
+
+    def server_timing(self) -> str:
+        """The Server-Timing header (W3C): every stage measured, then the total."""
+        return ", ".join(f"{k};dur={v:.2f}" for k, v in self.milliseconds().items())
+
+    def observe(self, metrics: ServiceMetrics, model: str) -> None:
+        for stage, seconds in self.seconds.items():
+            metrics.stage_duration.labels(model, stage.value).observe(seconds)
+
 
 # Dense around the paper's 0.2 s per image, where an SLO line is drawn.
-LATENCY_BUCKETS = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.125,
-    0.15,
-    0.175,
-    0.2,
-    0.225,
-    0.25,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
-STAGE_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)  # fmt: skip
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
-PIXEL_BUCKETS = (
-    64 * 64,
-    128 * 128,
-    256 * 256,
-    512 * 512,
-    640 * 480,
-    1024 * 768,
-    1920 * 1080,
-    4096 * 2160,
-    8192 * 8192,
-)
+PIXEL_BUCKETS = (64 * 64, 128 * 128, 256 * 256, 512 * 512, 640 * 480, 1024 * 768, 1920 * 1080, 4096 * 2160, 8192 * 8192)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Saturation:
+    """How full one model's batcher is now: what an autoscaler reads (docs/operations.md)."""
+
+    queued_images: int
+    queued_pixels: int  # at inference size
+    running_pixels: int  # of the batch in session.run now (padding included)
+    batch_capacity_pixels: int  # the most one batch may compute
+    predicted_wait_s: float  # admission's figure for a request arriving now
+    oldest_wait_s: float  # how long the head of the queue has waited
+
+    def __add__(self, other: Saturation) -> Saturation:
+        """Two versions of one name (a rollout): their work adds up, the waits do not."""
+        return Saturation(
+            self.queued_images + other.queued_images, self.queued_pixels + other.queued_pixels,
+            self.running_pixels + other.running_pixels,
+            self.batch_capacity_pixels + other.batch_capacity_pixels,
+            max(self.predicted_wait_s, other.predicted_wait_s),
+            max(self.oldest_wait_s, other.oldest_wait_s),
+        )  # fmt: skip
+
+
+# (attribute, metric name, help): read from each model's batcher at scrape time.
+SATURATION = (
+    ("queued_images", "segserve_queue_depth", "Images waiting for a batch"),
+    ("queued_pixels", "segserve_queued_pixels", "Pixels waiting for a batch (inference size)"),
+    ("running_pixels", "segserve_running_pixels", "Pixels of the batch running now, padding included"),
+    ("batch_capacity_pixels", "segserve_batch_capacity_pixels", "The most pixels one batch may compute"),
+    ("predicted_wait_s", "segserve_predicted_wait_seconds", "Predicted wait of a request arriving now, before its own run: add a replica when it stays above the latency you allow for queueing"),
+    ("oldest_wait_s", "segserve_oldest_wait_seconds", "How long the oldest waiting image has waited"),
+)  # fmt: skip
+
+
+class SaturationCollector:
+    """Saturation gauges per model, computed when Prometheus scrapes (never stale)."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, Saturation]]]) -> None:
+        self.read = read
+
+    def describe(self) -> list:
+        return []  # unknown until scraped: the registry must not collect at registration
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        per_model: dict[str, Saturation] = {}
+        for name, now in self.read():
+            per_model[name] = per_model[name] + now if name in per_model else now
+        for field, name, help_ in SATURATION:
+            family = GaugeMetricFamily(name, help_, labels=["model"])
+            for model, now in sorted(per_model.items()):
+                family.add_metric([model], getattr(now, field))
+            yield family
 
 
 class ServiceMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "segserve_requests_total", "Requests answered", ["model", "route", "status"], registry=r
-        )
-        self.request_duration = Histogram(
-            "segserve_request_duration_seconds",
-            "Time from request to response",
-            ["model", "route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.stage_duration = Histogram(
-            "segserve_stage_duration_seconds",
-            "Time per pipeline stage",
-            ["model", "stage"],
-            buckets=STAGE_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "segserve_batch_size",
-            "Requests per session.run",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            "segserve_queue_depth", "Requests waiting for a batch", ["model"], registry=r
-        )
+        self.registry = r = CollectorRegistry()
+        # fmt: off
+        self.requests = Counter("segserve_requests_total", "Requests answered", ["model", "route", "status"], registry=r)
+        self.request_duration = Histogram("segserve_request_duration_seconds", "Time from request to response", ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_duration = Histogram("segserve_stage_duration_seconds", "Time per pipeline stage", ["model", "stage"], buckets=STAGE_BUCKETS, registry=r)
         self.inflight = Gauge("segserve_inflight_requests", "Requests being handled", registry=r)
-        self.image_pixels = Histogram(
-            "segserve_image_pixels",
-            "Decoded image size in pixels",
-            buckets=PIXEL_BUCKETS,
-            registry=r,
-        )
-        self.rejected = Counter(
-            "segserve_rejected_total", "Requests refused before inference", ["reason"], registry=r
-        )
-        self.load_failures = Gauge(
-            "segserve_model_load_failures",
-            "Model versions in the repository that failed to load (1 each)",
-            ["model", "version"],
-            registry=r,
-        )
-        self.model_info = Gauge(
-            "segserve_model_info",
-            "Loaded models",
-            ["model", "version", "provider", "architecture"],
-            registry=r,
-        )
+        self.image_pixels = Histogram("segserve_image_pixels", "Decoded image size in pixels", buckets=PIXEL_BUCKETS, registry=r)
+        self.rejected = Counter("segserve_rejected_total", "Requests refused before inference", ["reason"], registry=r)
+        # Batches as they run: how full, and how much of what they computed was padding.
+        self.batch_size = Histogram("segserve_batch_size", "Images per session.run", ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_pixels = Counter("segserve_batch_pixels_total", "Pixels computed by session.run, padding included", ["model"], registry=r)
+        self.padding_pixels = Counter("segserve_padding_pixels_total", "Pixels computed by session.run that were padding", ["model"], registry=r)
+        self.load_failures = Gauge("segserve_model_load_failures", "Model versions in the repository that failed to load (1 each)", ["model", "version"], registry=r)
+        self.model_info = Gauge("segserve_model_info", "Loaded models", ["model", "version", "provider", "architecture"], registry=r)
+        # fmt: on
+
+    def follow(self, read: Callable[[], Iterable[tuple[str, Saturation]]]) -> None:
+        """Report the saturation of the models `read` lists at every scrape."""
+        self.registry.register(SaturationCollector(read))

@@ -1,5 +1,6 @@
-"""One ASGI middleware around every request: its id, its arrival time (the deadline counts
-from it), the request metrics, and the last resort for an unexpected exception.
+"""One ASGI middleware around every request: its id, its clock (`Timings`: arrival, deadline,
+stages), the request and stage metrics, its log line, and the last resort for an unexpected
+exception.
 
 The model a request reached travels in request state (`scope["state"]["model"]`), set by the
 route that resolved it; the route label is the matched route's path template. An unexpected
@@ -13,13 +14,12 @@ import json
 import logging
 import os
 import re
-import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from segserve.service.errors import error_body
 from segserve.service.logs import FIELDS
-from segserve.service.metrics import ServiceMetrics
+from segserve.service.metrics import ServiceMetrics, Timings
 
 log = logging.getLogger("segserve.request")
 
@@ -36,16 +36,19 @@ def route_label(scope: Scope) -> str:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(
+        self, app: ASGIApp, metrics: ServiceMetrics, timeout_s: float = float("inf")
+    ) -> None:
+        self.app, self.metrics, self.timeout_s = app, metrics, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+        timings = Timings(self.timeout_s)  # the request's deadline counts from here
         state = scope.setdefault("state", {})
-        state.update(request_id=request_id, arrived=time.monotonic(), started=time.perf_counter())
+        state.update(request_id=request_id, timings=timings)
         status, started = 500, False
 
         async def send_wrapper(message: Message) -> None:
@@ -82,20 +85,20 @@ class RequestMiddleware:
                 await send({"type": "http.response.body", "body": body})
         finally:
             self.metrics.inflight.dec()
-            seconds = time.perf_counter() - state["started"]
+            seconds = timings.elapsed()
             route = route_label(scope)
             model = state.get("model", "")
             if route != "/metrics":
                 self.metrics.requests.labels(model, route, str(status)).inc()
                 self.metrics.request_duration.labels(model, route).observe(seconds)
+            if model:
+                timings.observe(self.metrics, model)
             if route not in QUIET_ROUTES or status >= 400:
                 fields = {
                     "request_id": request_id, "method": scope["method"], "path": scope["path"],
                     "route": route, "status": status, "model": model,
                     "version": state.get("version", ""), "ms": round(seconds * 1000, 2),
                 }  # fmt: skip
-                if "timings" in state:
-                    fields["stages_ms"] = {
-                        k: round(v * 1000, 2) for k, v in state["timings"].items()
-                    }
+                if timings.seconds:
+                    fields["stages_ms"] = timings.milliseconds()
                 log.info("request", extra={FIELDS: fields})

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from segserve.contracts.architectures import padded_size
+
 
 class CostModel:
     """seconds(batch) ~= fixed + per_pixel * pixels, by least squares over recent runs.
@@ -72,15 +74,11 @@ class Limits:
     size_divisor: int
 
 
-def _padded(size: tuple[int, int], divisor: int) -> tuple[int, int]:
-    return -(-size[0] // divisor) * divisor, -(-size[1] // divisor) * divisor
-
-
 def group_pixels(sizes: Sequence[tuple[int, int]], divisor: int) -> int:
     """Pixels one session.run computes for these sizes: none padded if all are equal."""
     if len(set(sizes)) == 1:
         return sizes[0][0] * sizes[0][1] * len(sizes)
-    padded = [_padded(s, divisor) for s in sizes]
+    padded = [padded_size(s, divisor) for s in sizes]
     return max(h for h, _ in padded) * max(w for _, w in padded) * len(sizes)
 
 

@@ -1,35 +1,41 @@
 """`segserve predict`: a model file on image files, no server, through the service's own
-decode, engine and encode code."""
+steps (decode under the same limits, the engine, labels back at the image's size, render),
+so its files are byte for byte what POST /segment answers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from segserve.service.engine import Engine
-from segserve.service.imaging import decode_image, encode_label_png, encode_rgb, overlay
+from segserve.service.imaging import decode_opened, open_image, resize_rgb
+from segserve.service.metrics import Timings
+from segserve.service.render import RenderSpec, class_summary, render, resize_labels
+from segserve.service.settings import Settings
 
 
 def predict_files(
-    images: list[Path], model: Path, out: Path, fmt: str = "png", max_pixels: int = 40_000_000
+    images: list[Path], model: Path, out: Path, fmt: str = "png", settings: Settings | None = None
 ) -> list[Path]:
-    engine = Engine.load(model, providers="cpu")
+    """Write the label PNG (or overlay) of each image into `out`; returns the files.
+    `settings` (default: from SEGSERVE_* variables) bound the pixels as the server's do."""
+    s = settings or Settings()
+    engine = Engine.load(
+        model, "cpu", s.intra_op_threads, arena_shrink_pixels=s.arena_shrink_pixels
+    )
     card = engine.card
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
-        rgb = decode_image(Path(path).read_bytes(), max_pixels)
+        image, probe = open_image(Path(path).read_bytes(), s.max_image_pixels, s.formats)
+        rgb = decode_opened(image, probe, s.max_inference_pixels, s.formats)
         (labels,) = engine.segment([rgb])
-        if fmt == "overlay":
-            target = out / f"{Path(path).stem}_overlay.png"
-            target.write_bytes(encode_rgb(overlay(rgb, labels, card.palette)))
-        else:
-            target = out / f"{Path(path).stem}.png"
-            target.write_bytes(encode_label_png(labels, card.palette))
+        h, w = probe.height, probe.width
+        labels = resize_labels(labels, h, w)
+        rgb = resize_rgb(rgb, h, w) if fmt == "overlay" else rgb
+        body, _ = render(rgb, labels, card, RenderSpec(fmt), {}, Timings())
+        target = out / f"{Path(path).stem}{'_overlay' if fmt == 'overlay' else ''}.png"
+        target.write_bytes(body)
         written.append(target)
-        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=card.num_classes))
-        h, w = labels.shape
-        names = ", ".join(card.class_names[i] for i in present)
+        names = ", ".join(c["name"] for c in class_summary(labels, card))
         print(f"{path} -> {target}  ({w}x{h}; classes: {names})")
     return written

@@ -34,6 +34,10 @@ def parse_list(text: str) -> tuple[str, ...]:
 
 
 DEFAULT_BATCH_SIZES = {"cpu": 4, "cuda": 8, "tensorrt": 8}
+# onnxruntime runs on at least this many pixels hand the CPU arena's memory back when they
+# finish; smaller ones keep it for the next run: a photo (VGA is 0.31 MP) and CPU batches of
+# a few (three 512x512 images are 0.79 MP), which the batcher keeps under it.
+ARENA_SHRINK_PIXELS = 800_000
 
 
 class Settings(BaseSettings):
@@ -55,7 +59,7 @@ class Settings(BaseSettings):
     # keeps its largest run's memory for good, so runs on `arena_shrink_pixels` or more
     # give it back at once; CPU batches of several images stay under it.
     cpu_mem_arena: bool = True
-    arena_shrink_pixels: int = Field(800_000, ge=1)
+    arena_shrink_pixels: int = Field(ARENA_SHRINK_PIXELS, ge=1)
     # onnxruntime's idle threads spin-wait for work unless told not to: off, measured.
     ort_spinning: bool = False
     # cuDNN's EXHAUSTIVE search re-benchmarks on every new input shape (onnxruntime #6978,

@@ -1,6 +1,6 @@
-"""The Open Inference Protocol (KServe v2, as Triton speaks it): the request format, parsed
-strictly with pydantic, as pure functions. The routes (routes/v2.py) run it through the same
-decode, budgets and batcher as /segment.
+"""The Open Inference Protocol (KServe v2, as Triton speaks it): requests parsed strictly with
+pydantic, responses built, as pure functions. The routes (routes/v2.py) run them through the
+same decode, budgets and batcher as /segment.
 
 Input `image`: UINT8 [N, H, W, 3] RGB pixels, or BYTES [N] encoded images (JPEG, PNG, ...)
 of one size. Output `labels`: UINT8 [N, H, W]. JSON tensors and the binary tensor data
@@ -11,13 +11,16 @@ unchanged against segserve.
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from segserve import __version__
 from segserve.service.errors import ServiceError
+from segserve.service.limits import RequestLimits
 
 HEADER_LENGTH = "inference-header-content-length"
 Dim = Annotated[int, Field(ge=0, le=2**31)]
@@ -53,6 +56,10 @@ class InferRequest(BaseModel):
 
 def bad(detail: str) -> ServiceError:
     return ServiceError(400, detail, reason="bad_request")
+
+
+def server_metadata() -> dict:
+    return {"name": "segserve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 def model_metadata(name: str, versions: list[int]) -> dict:
@@ -108,8 +115,17 @@ def _bytes_elements(raw: bytes) -> list[bytes]:
     return items
 
 
+def parse_infer(
+    body: bytes, header_length: str | None, limits: RequestLimits
+) -> tuple[InferRequest, np.ndarray | list[bytes]]:
+    """The validated request and its `image` input: a UINT8 [N, H, W, 3] array, or the N
+    encoded images of a BYTES input. Counts and sizes are checked before data is unpacked."""
+    request, binary = parse_request(body, header_length)
+    return request, image_input(request, binary, limits)
+
+
 def image_input(
-    request: InferRequest, binary: bytes, max_pixels: int, max_images: int
+    request: InferRequest, binary: bytes, limits: RequestLimits
 ) -> np.ndarray | list[bytes]:
     """The `image` input: a UINT8 [N, H, W, 3] array, or the N encoded images of a BYTES input."""
     offset, raw, spec = 0, None, None
@@ -121,15 +137,12 @@ def image_input(
         offset += size or 0
     if spec is None:
         raise bad("the request has no input named 'image'")
-    if spec.shape and spec.shape[0] > max_images:
-        raise ServiceError(
-            413, f"{spec.shape[0]} images in one request; the limit is {max_images}",
-            reason="too_many_images",
-        )  # fmt: skip
+    if spec.shape:
+        limits.check_count(spec.shape[0])
     if raw is None and spec.data is None:
         raise bad("input 'image' has neither data nor binary_data_size")
     if spec.datatype == "UINT8":
-        return _pixels(spec, raw, max_pixels)
+        return _pixels(spec, raw, limits)
     if spec.datatype == "BYTES":
         blobs = _bytes_elements(raw) if raw is not None else _base64_list(spec.data)
         if not blobs:
@@ -138,27 +151,18 @@ def image_input(
             raise bad(
                 f"BYTES input 'image' holds {len(blobs)} elements; its shape says {spec.shape}"
             )
-        if len(blobs) > max_images:
-            raise ServiceError(
-                413, f"{len(blobs)} images in one request; the limit is {max_images}",
-                reason="too_many_images",
-            )  # fmt: skip
         return blobs
     raise bad(f"input 'image' must be UINT8 or BYTES, not {spec.datatype}")
 
 
-def _pixels(spec: InferInput, raw: bytes | None, max_pixels: int) -> np.ndarray:
+def _pixels(spec: InferInput, raw: bytes | None, limits: RequestLimits) -> np.ndarray:
     shape = spec.shape
     if len(shape) != 4 or shape[3] != 3:
         raise bad(f"UINT8 input 'image' must be [N, H, W, 3] RGB, not {shape}")
     n, h, w = shape[:3]
     if n < 1 or h < 1 or w < 1:
         raise bad("input 'image' is empty")
-    if h * w > max_pixels:
-        raise ServiceError(
-            413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}",
-            reason="too_many_pixels",
-        )  # fmt: skip
+    limits.check_pixels([(h, w)] * n)
     if raw is not None:
         if len(raw) != n * h * w * 3:
             raise bad(f"binary data is {len(raw)} bytes; shape {shape} needs {n * h * w * 3}")
@@ -189,3 +193,23 @@ def wants_binary(request: InferRequest) -> bool:
         if out.parameters and out.parameters.binary_data is not None:
             return out.parameters.binary_data
     return default
+
+
+def infer_response(
+    model: str, version: int, request: InferRequest, labels: list[np.ndarray]
+) -> tuple[bytes, str, dict[str, str]]:
+    """(body, media type, headers) of the answer: `labels` [N, H, W] UINT8, as binary tensor
+    data or a JSON tensor, as the request asked."""
+    stacked = np.stack(labels)
+    output: dict = {"name": "labels", "datatype": "UINT8", "shape": list(stacked.shape)}
+    response: dict = {"model_name": model, "model_version": str(version), "outputs": [output]}
+    if request.id is not None:
+        response["id"] = request.id
+    if wants_binary(request):
+        data = stacked.tobytes()
+        output["parameters"] = {"binary_data_size": len(data)}
+        header = json.dumps(response).encode()
+        headers = {"Inference-Header-Content-Length": str(len(header))}
+        return header + data, "application/octet-stream", headers
+    output["data"] = stacked.ravel().tolist()
+    return json.dumps(response, separators=(",", ":")).encode(), "application/json", {}

@@ -15,6 +15,7 @@ from segserve.service.batcher import (
     QueueFull,
     ShuttingDown,
 )
+from segserve.service.metrics import Stage, Timings
 from segserve.service.planning import CostModel, Limits
 
 
@@ -27,7 +28,7 @@ class FakeClock:
 
 
 class Model:
-    """prepare_batch / run_batch for the batcher, recording what it was given. A gate, when
+    """stack / run_batch for the batcher, recording what it was given. A gate, when
     set up, holds each run until the test opens it."""
 
     def __init__(self, fail_on_width: int | None = None, gated: bool = False) -> None:
@@ -39,7 +40,7 @@ class Model:
         if not gated:
             self.gate.set()
 
-    def prepare_batch(self, items):
+    def stack(self, items):
         self.prepared += 1
         h = max(i.shape[0] for i in items)
         w = max(i.shape[1] for i in items)
@@ -66,7 +67,7 @@ def make(model, clock=None, cost=None, **kw) -> Batcher:
     limits = Limits(kw.pop("max_batch_size", 8), kw.pop("max_batch_pixels", 10**9), 16)
     extra = {"clock": clock} if clock is not None else {}
     return Batcher(
-        model.prepare_batch, model.run_batch, limits, cost or CostModel(1e-9, 1e-4), **extra, **kw
+        model.stack, model.run_batch, limits, cost or CostModel(1e-9, 1e-4), **extra, **kw
     )
 
 
@@ -91,7 +92,7 @@ def test_a_lone_request_runs_at_once_without_any_window():
         return job, labels
 
     job, labels = asyncio.run(main())
-    assert job.timings["queue"] == 0.0 and model.batches == [[(32, 48)]]
+    assert job.timings.seconds[Stage.QUEUE] == 0.0 and model.batches == [[(32, 48)]]
     assert np.array_equal(labels, image(32, 48)[..., 0] > 127)
 
 
@@ -249,3 +250,76 @@ def test_stop_finishes_what_is_queued_and_then_refuses():
         return [j.future.done() and j.future.exception() is None for j in jobs]
 
     assert all(asyncio.run(main()))
+
+
+def test_an_engine_that_returns_too_few_results_fails_the_batch_at_once():
+    """A run whose results do not match its batch (a broken engine) fails every job of it
+    then and there: none is left waiting for its deadline."""
+    model = Model()
+    real_run = model.run_batch
+    model.run_batch = lambda batch, sizes: real_run(batch, sizes)[:-1]
+
+    async def main():
+        b = make(model, max_batch_size=1)
+        b.start()
+        (job,) = submit(b, [image(16, 16)], deadline=1e12)
+        with pytest.raises(RuntimeError, match="0 results for a batch of 1"):
+            await asyncio.wait_for(job.future, 5)
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_each_request_gets_its_stages_once_per_batch():
+    """Two images of one request in one batch: stacking and inference are counted once for
+    the request (not once per image); queue is the longest wait of its images."""
+    clock = FakeClock()
+    model = Model(gated=True)
+
+    async def main():
+        b = make(model, clock)
+        b.start()
+        (blocker,) = submit(b, [image(8, 8)])
+        await wait_until(model.running)
+        timings = Timings()
+        jobs = b.submit([(image(32, 32), (32, 32)), (image(32, 32, 1), (32, 32))], 1e12, timings)
+        clock.now += 2.0  # both wait two seconds behind the blocker
+        model.gate.set()
+        await asyncio.gather(blocker.future, *(j.future for j in jobs))
+        await b.stop()
+        return timings
+
+    timings = asyncio.run(main())
+    assert model.batches[1] == [(32, 32), (32, 32)]
+    assert timings.seconds[Stage.QUEUE] == 2.0
+    assert set(timings.seconds) == {Stage.PREPROCESS, Stage.QUEUE, Stage.INFERENCE}
+    assert timings.seconds[Stage.INFERENCE] == 0.0  # the frozen clock: one run, added once
+
+
+def test_saturation_says_what_waits_what_runs_and_how_much_padding_ran():
+    clock = FakeClock()
+    model = Model(gated=True)
+    batches = []
+
+    async def main():
+        b = make(model, clock, on_batch=lambda *run: batches.append(run))
+        b.start()
+        idle = b.saturation()
+        (running,) = submit(b, [image(32, 32)])
+        await wait_until(model.running)
+        waiting = submit(b, [image(20, 30), image(32, 48)])
+        clock.now += 3.0
+        busy = b.saturation()
+        model.gate.set()
+        await asyncio.gather(running.future, *(j.future for j in waiting))
+        await b.stop()
+        return idle, busy, b.saturation()
+
+    idle, busy, after = asyncio.run(main())
+    assert (idle.queued_images, idle.running_pixels, idle.predicted_wait_s) == (0, 0, 0.0)
+    assert busy.queued_images == 2 and busy.queued_pixels == 20 * 30 + 32 * 48
+    assert busy.running_pixels == 32 * 32 and busy.oldest_wait_s == 3.0
+    assert busy.predicted_wait_s > 0 and busy.batch_capacity_pixels == 10**9
+    assert (after.queued_images, after.running_pixels) == (0, 0)
+    # The second run merged 20x30 with 32x48 (cheap pixels, dear runs): both padded to 32x48.
+    assert batches[1][:3] == (2, 2 * 32 * 48, 2 * 32 * 48 - (20 * 30 + 32 * 48))

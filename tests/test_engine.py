@@ -53,10 +53,10 @@ def test_a_float_models_input_is_normalised_here(engine):
 def test_mixed_sizes_are_padded_to_the_divisor_and_cropped_back(engine, model_path):
     images = [image(45, 67, 1), image(10, 20, 2), image(45, 67, 3)]
     items = [engine.prepare(im) for im in images]
-    batch = engine.batch(items)
+    batch = engine.stack(items)
     assert batch.shape == (3, 3, 48, 80)
     assert np.all(batch[1, :, 10:, :] == 0) and np.all(batch[0, :, 45:, :] == 0)
-    same = engine.batch([items[0], items[2]])
+    same = engine.stack([items[0], items[2]])
     assert same.shape == (2, 3, 45, 67)  # one size: nothing padded
     labels = engine.run(batch, [engine.item_size(it) for it in items])
     assert [lab.shape for lab in labels] == [(45, 67), (10, 20), (45, 67)]
@@ -69,7 +69,7 @@ def test_a_uint8_model_takes_the_pixels_as_they_are_and_pads_with_the_mean_colou
 ):
     rgb = image(21, 30, 5)
     assert uint8_engine.prepare(rgb) is rgb  # no host work at all
-    batch = uint8_engine.batch([rgb, image(5, 7, 6)])
+    batch = uint8_engine.stack([rgb, image(5, 7, 6)])
     assert batch.shape == (2, 32, 32, 3) and batch.dtype == np.uint8
     assert batch[1, 5:, :].reshape(-1, 3).tolist()[0] == [124, 116, 104]  # ImageNet mean
     labels = uint8_engine.run(batch, [(21, 30), (5, 7)])

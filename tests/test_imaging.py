@@ -1,24 +1,12 @@
-"""Pure decode and encode functions, on real image bytes of every format."""
+"""Pure decode functions, on real image bytes of every format."""
 
 import io
 
 import numpy as np
 import pytest
 from PIL import Image
-from pycocotools import mask as coco_mask
 
-from segserve.contracts.palette import voc_palette
-from segserve.service.imaging import (
-    ImageDecodeError,
-    ImageTooLarge,
-    class_stats,
-    decode_image,
-    decode_rle,
-    encode_label_png,
-    encode_mask_png,
-    encode_rle,
-    overlay,
-)
+from segserve.service.imaging import ImageDecodeError, ImageTooLarge, decode_image
 
 LIMIT = 40_000_000
 
@@ -102,36 +90,3 @@ def test_pixel_limit_is_checked_before_decoding(png_bomb):
     small_bomb = encode(Image.new("L", (5000, 4000)), "PNG")
     with pytest.raises(ImageTooLarge, match="5000x4000"):
         decode_image(small_bomb, 10_000_000)
-
-
-def test_label_png_is_mode_p_with_the_palette_and_exact_size():
-    labels = np.random.default_rng(0).integers(0, 4, (33, 51)).astype(np.uint8)
-    palette = [[0, 0, 0], [10, 20, 30], [40, 50, 60], [70, 80, 90]]
-    image = Image.open(io.BytesIO(encode_label_png(labels, palette)))
-    assert image.mode == "P" and image.size == (51, 33)
-    assert np.array_equal(np.asarray(image), labels)
-    assert image.getpalette()[3:12] == [10, 20, 30, 40, 50, 60, 70, 80, 90]
-    assert image.getpalette()[255 * 3 : 256 * 3] == voc_palette()[255]
-
-
-def test_masks_decode_back_to_the_label_map():
-    labels = np.random.default_rng(1).integers(0, 3, (17, 23)).astype(np.uint8)
-    labels[0, 0] = 1  # a run that starts with the class
-    for cid in range(3):
-        mask = labels == cid
-        png = Image.open(io.BytesIO(encode_mask_png(mask)))
-        assert png.mode == "1" and np.array_equal(np.asarray(png), mask)
-        rle = encode_rle(mask)
-        assert np.array_equal(decode_rle(rle), mask)
-        # The real COCO decoder reads it too.
-        coco = coco_mask.frPyObjects(rle, *rle["size"])
-        assert np.array_equal(coco_mask.decode(coco).astype(bool), mask)
-
-
-def test_overlay_blends_only_foreground_and_class_stats_count():
-    rgb = np.full((4, 4, 3), 100, np.uint8)
-    labels = np.zeros((4, 4), np.uint8)
-    labels[0, 0] = 1
-    out = overlay(rgb, labels, [[0, 0, 0], [200, 0, 0]])
-    assert out[1, 1].tolist() == [100, 100, 100] and out[0, 0].tolist() == [150, 50, 50]
-    assert class_stats(labels, 3).tolist() == [15, 1, 0]

@@ -4,7 +4,7 @@ threads never blocked on it."""
 import asyncio
 import threading
 
-from segserve.service.budget import Lease, PixelBudget
+from segserve.service.limits import Lease, PixelBudget
 
 
 def test_takes_fit_the_total_and_come_back():

@@ -4,12 +4,11 @@ import asyncio
 import json
 import os
 import threading
-import time
 
 import pytest
 import uvicorn
 
-from helpers import free_port
+from helpers import free_port, wait_for
 from segserve import loadgen
 from segserve.cli import main
 
@@ -75,8 +74,7 @@ def stub():
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    wait_for(lambda: server.started, what="the stub server started")
     yield app, f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)

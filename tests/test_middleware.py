@@ -1,25 +1,28 @@
-"""The request middleware on a bare app: ids, route labels, the last-resort 500."""
+"""The request middleware on a bare app: ids, route labels, the request's clock and stages,
+the last-resort 500."""
 
 import httpx
 from fastapi import FastAPI, Request
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from segserve.service.metrics import ServiceMetrics
+from segserve.service.metrics import ServiceMetrics, Stage, Timings
 from segserve.service.middleware import RequestMiddleware
 
 
 def make_app() -> tuple[FastAPI, ServiceMetrics]:
     metrics = ServiceMetrics()
     app = FastAPI()
-    app.add_middleware(RequestMiddleware, metrics=metrics)
+    app.add_middleware(RequestMiddleware, metrics=metrics, timeout_s=7.0)
 
     @app.get("/items/{name}")
     async def item(request: Request, name: str) -> dict:
         request.state.model, request.state.version = "m", 3
         if name == "boom":
             raise ZeroDivisionError("the route fell over")
-        return {"name": name}
+        timings: Timings = request.state.timings
+        timings.add(Stage.DECODE, 0.002)
+        return {"name": name, "deadline_in": timings.deadline - timings.arrived}
 
     return app, metrics
 
@@ -69,3 +72,14 @@ def test_request_ids_are_made_or_kept_when_they_are_safe():
     )  # fmt: skip
     assert len(made.headers["x-request-id"]) == 32 and kept.headers["x-request-id"] == "abc"
     assert unsafe.headers["x-request-id"] != "a b\x7f" + "x" * 200
+
+
+def test_each_request_has_one_clock_whose_stages_feed_the_stage_metric():
+    app, metrics = make_app()
+    (r,) = call(app, ("/items/a", {}))
+    assert r.json()["deadline_in"] == 7.0  # the deadline counts from arrival
+    (sample,) = [
+        s for s in samples(metrics, "segserve_stage_duration_seconds_count")
+        if s.labels == {"model": "m", "stage": "decode"}
+    ]  # fmt: skip
+    assert sample.value == 1.0

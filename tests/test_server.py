@@ -240,31 +240,6 @@ def test_slow_senders_are_cut_off(guarded):
     assert httpx.get(guarded.url + "/healthz").status_code == 200
 
 
-def test_liveness_answers_quickly_while_the_model_is_busy(guarded):
-    payload = image_bytes(768, 768)
-    stop = time.monotonic() + 4
-    latencies = []
-
-    def load():
-        with httpx.Client(base_url=guarded.url, timeout=60) as c:
-            while time.monotonic() < stop:
-                c.post("/segment", content=payload, headers={"Content-Type": "image/png"})
-
-    threads = [threading.Thread(target=load) for _ in range(6)]
-    for t in threads:
-        t.start()
-    with httpx.Client(base_url=guarded.url, timeout=10) as c:
-        while time.monotonic() < stop:
-            t0 = time.perf_counter()
-            assert c.get("/healthz").status_code == 200
-            latencies.append(time.perf_counter() - t0)
-            time.sleep(0.05)
-    for t in threads:
-        t.join(60)
-    # The target is 50 ms; the margin is for a 2-core machine that also runs this load.
-    assert len(latencies) > 20 and max(latencies) < 0.5, max(latencies)
-
-
 def test_a_provider_named_but_missing_stops_the_server_and_auto_says_which_it_runs_on(
     tiny_repository, tmp_path
 ):

@@ -10,7 +10,6 @@ import io
 import json
 import shutil
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,17 +19,18 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import image_bytes, in_process
+from helpers import image_bytes, in_process, wait_for
 from segserve.contracts.card import ModelCard
-from segserve.service.imaging import decode_image, decode_rle
+from segserve.service.imaging import decode_image
 from segserve.service.planning import CostModel
+from segserve.service.render import decode_rle
 
 PNG = {"Content-Type": "image/png"}
 
 
 @pytest.fixture(scope="module")
 def app(tiny_repository):
-    # Batches of up to 8, as on a GPU: on CPU the default is 1 (tested below).
+    # Batches of up to 8, as on a GPU: on CPU the default is 4 (tested below).
     with in_process(tiny_repository, max_batch_size=8) as a:
         yield a
 
@@ -79,7 +79,7 @@ class Held:
 @contextmanager
 def held_engine(app, name: str = "tiny"):
     """Holds the model's session.runs until the block ends (or `gate` is set)."""
-    batcher = app.service.model(name).batcher
+    batcher = app.service.models.get(name).batcher
     real = batcher.run_batch
     held = Held(threading.Event(), threading.Event(), [])
 
@@ -106,15 +106,12 @@ def behind_a_held_run(app, payloads: list[bytes]) -> tuple[list, list]:
     """Send `payloads` while the engine is held on another request, wait until they are all
     queued together, then let everything run. Their responses in order, and the sizes of
     every run after the held one."""
-    batcher = app.service.model("tiny").batcher
+    batcher = app.service.models.get("tiny").batcher
     with held_engine(app) as held:
         first = post_later(app, "/segment", content=image_bytes(16, 16), headers=PNG)
         assert held.running.wait(30)
         later = [post_later(app, "/segment", content=p, headers=PNG) for p in payloads]
-        deadline = time.monotonic() + 30  # the next batch may already be taken from them
-        while batcher.depth < len(payloads):
-            assert time.monotonic() < deadline, "the requests never queued"
-            time.sleep(0.01)
+        wait_for(lambda: batcher.depth >= len(payloads), what="the requests queued")
         held.gate.set()
         responses = [f.result(60) for f in later]
         assert first.result(60).status_code == 200
@@ -192,9 +189,9 @@ def test_requests_that_wait_together_are_batched_and_each_gets_its_own_labels(ap
 def test_a_merged_batch_is_padded_and_keeps_the_labels(app, reference):
     """With a GPU-like cost model (runs dear, pixels cheap) different sizes share one run,
     padded to a common size; the labels still agree with lone unpadded runs."""
-    model = app.service.model("tiny")
+    model = app.service.models.get("tiny")
     stacked: list[tuple] = []
-    real_batch, real_cost = model.batcher.prepare_batch, model.batcher.cost
+    real_batch, real_cost = model.batcher.stack, model.batcher.cost
 
     def spy(items):
         out = real_batch(items)
@@ -202,12 +199,12 @@ def test_a_merged_batch_is_padded_and_keeps_the_labels(app, reference):
         return out
 
     payloads = [image_bytes(40 + 3 * i, 70 - 5 * i, seed=20 + i) for i in range(6)]
-    model.batcher.prepare_batch = spy
+    model.batcher.stack = spy
     model.batcher.cost = CostModel(per_pixel=1e-12, fixed=1.0)
     try:
         responses, _ = behind_a_held_run(app, payloads)
     finally:
-        model.batcher.prepare_batch, model.batcher.cost = real_batch, real_cost
+        model.batcher.stack, model.batcher.cost = real_batch, real_cost
     assert any(shape[0] >= 2 for shape in stacked[1:]), stacked
     merged = max(stacked[1:])
     assert merged[1] % 16 == 0 and merged[2] % 16 == 0  # NHWC, padded to the size divisor
@@ -325,21 +322,21 @@ def test_cpu_batches_are_small_and_stay_under_the_arena_shrink_size(tiny_reposit
     three = [image_bytes(64, 64, seed=i) for i in range(3)]  # 4096 pixels each
     for shrink_at, most_per_run in ((10_000, 2), (5_000, 1)):
         with in_process(tiny_repository, arena_shrink_pixels=shrink_at) as app:
-            batcher = app.service.model("tiny").batcher
+            batcher = app.service.models.get("tiny").batcher
             assert batcher.limits.max_batch_size == 4
             assert batcher.limits.max_batch_pixels == shrink_at - 1
             responses, runs = behind_a_held_run(app, three)
             assert [r.status_code for r in responses] == [200] * 3
             assert max(len(run) for run in runs) == most_per_run, runs
     with in_process(tiny_repository, cpu_mem_arena=False) as app:  # no arena to keep
-        limits = app.service.model("tiny").batcher.limits
+        limits = app.service.models.get("tiny").batcher.limits
         assert limits.max_batch_pixels == Settings().max_batch_pixels
 
 
 def test_a_full_queue_and_an_overloaded_model_answer_503_at_once(tiny_repository):
     with in_process(tiny_repository, max_queue=2) as app:
         with held_engine(app) as held:
-            batcher = app.service.model("tiny").batcher
+            batcher = app.service.models.get("tiny").batcher
             first = post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)
             assert held.running.wait(30)
             # A request predicted to miss its deadline is told so now, not at the deadline.
@@ -351,8 +348,7 @@ def test_a_full_queue_and_an_overloaded_model_answer_503_at_once(tiny_repository
                 post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)
                 for _ in range(2)
             ]
-            while batcher.depth < 2:
-                app.run(asyncio.sleep(0.01))  # poll until both are queued
+            wait_for(lambda: batcher.depth >= 2, what="both queued")
             full = app.post("/segment", content=image_bytes(32, 32), headers=PNG)
             assert full.status_code == 503 and full.json()["error"] == "unavailable"
             assert int(full.headers["retry-after"]) >= 1 and "queue full" in full.json()["detail"]
@@ -373,9 +369,8 @@ def test_a_request_whose_deadline_passes_while_queued_gets_504(tiny_repository):
             # The held one passed its deadline too, while running: its answer is 504 as well.
             assert first.result(60).status_code == 504
             held.gate.set()
-            batcher = app.service.model("tiny").batcher
-            while batcher.depth or not batcher._running.done():
-                app.run(asyncio.sleep(0.01))  # poll until the held run is over
+            batcher = app.service.models.get("tiny").batcher
+            wait_for(lambda: not batcher.depth and not batcher.running, what="the held run over")
         assert rejected(app)["deadline"] == 2
         assert len(held.runs) == 1  # the given-up job never reached the engine
 
@@ -486,3 +481,20 @@ def test_a_bad_image_through_v2_is_refused_and_counted_like_one_through_segment(
     r = app.post("/v2/models/tiny/infer", json=bad)
     assert r.status_code == 400 and r.json()["error"] == "bad_request"
     assert rejected(app)["bad_image"] == before + 1
+
+
+def test_liveness_answers_while_the_engine_is_busy_and_requests_queue(tiny_repository):
+    """/healthz never waits for a model: with a run held and requests queued behind it,
+    it answers (the engine runs in a thread of its own, never on the event loop)."""
+    with in_process(tiny_repository) as app, held_engine(app) as held:
+        queued = [
+            post_later(app, "/segment", content=image_bytes(32, 32, seed=i), headers=PNG)
+            for i in range(3)
+        ]
+        assert held.running.wait(30)
+        batcher = app.service.models.get("tiny").batcher
+        wait_for(lambda: batcher.depth >= 1, what="requests queued behind the held run")
+        assert app.get("/healthz").status_code == 200
+        assert not any(f.done() for f in queued)  # they were still waiting meanwhile
+        held.gate.set()
+        assert [f.result(60).status_code for f in queued] == [200] * 3

@@ -208,7 +208,7 @@ def _images_per_s(engine: Engine, images: list[loadgen.Payload], n: int, seconds
         by_shape.setdefault(im.size, im.pixels())
     per_image = []
     for p in by_shape.values():
-        batch, sizes = engine.batch([p] * n), [p.shape[:2]] * n
+        batch, sizes = engine.stack([p] * n), [p.shape[:2]] * n
         engine.run(batch, sizes)
         runs, start = 0, time.perf_counter()
         while runs < 2 or time.perf_counter() - start < seconds / len(by_shape):

@@ -11,7 +11,8 @@ import litserve as ls
 from fastapi import Response
 
 from segserve.service.engine import Engine
-from segserve.service.imaging import decode_image, encode_label_png
+from segserve.service.imaging import decode_image
+from segserve.service.render import encode_label_png
 
 
 class SegmentAPI(ls.LitAPI):

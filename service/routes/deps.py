@@ -93,19 +93,6 @@ async def authorize_docs(request: Request) -> None:
 def use_model(request: Request, name: str | None, version: int | None) -> ServedModel:
     """Resolve the model and note it in request state: from here on, the response headers
     and the request metrics name it."""
-    model = service_of(request).model(name, version)
+    model = service_of(request).models.get(name, version)
     request.state.model, request.state.version = model.name, model.version
     return model
-
-
-def deadline_of(request: Request) -> float:
-    """The request's deadline on time.monotonic(): its timeout counts from its arrival."""
-    return request.state.arrived + service_of(request).settings.request_timeout_s
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    """Returns when the client goes away (the body has been read by then)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

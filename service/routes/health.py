@@ -24,10 +24,10 @@ async def healthz() -> Live:
 )
 async def readyz(service: Service) -> JSONResponse:
     """Ready when the default model and every required one is loaded and warm."""
-    reason = service.unready_reason()
+    reason = service.models.unready_reason()
     if not reason:
-        providers = {m.engine.provider for m in service.registry.all()}
-        return JSONResponse({"status": "ready", "models": sorted(service.registry.models),
+        providers = {m.engine.provider for m in service.models.all()}
+        return JSONResponse({"status": "ready", "models": service.models.names,
                              "providers": sorted(providers)})  # fmt: skip
     return JSONResponse(
         {"error": "not_ready", "detail": reason}, status_code=503, headers={"Retry-After": "5"}
@@ -42,6 +42,4 @@ async def readyz(service: Service) -> JSONResponse:
 )
 async def metrics(service: Service) -> Response:
     """Prometheus metrics (open, or behind the API key or metrics token: see settings)."""
-    for m in service.registry.all():
-        service.metrics.queue_depth.labels(m.name).set(m.batcher.depth)
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

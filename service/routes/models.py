@@ -39,7 +39,7 @@ def model_summary(m: ServedModel, versions: list[int]) -> dict:
 @router.get("/models", responses=errors(401))
 async def list_models(service: Service) -> ModelListing:
     """The models served, the default one, and the versions that failed to load."""
-    registry = service.registry
+    registry = service.models
     return {  # type: ignore[return-value]  (validated into ModelListing by FastAPI)
         "default": registry.default_name,
         "models": [model_summary(m, registry.versions(m.name)) for m in registry.all()],
@@ -58,7 +58,7 @@ async def get_model(
 ) -> ModelDetail:
     """One model (the newest version unless `version`), with its whole card."""
     m = use_model(request, name, version)
-    return {**model_summary(m, service.registry.versions(m.name)), "card": m.card.as_dict()}
+    return {**model_summary(m, service.models.versions(m.name)), "card": m.card.as_dict()}
 
 
 @router.get(

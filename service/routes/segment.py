@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Annotated, Literal
 
@@ -10,23 +9,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from segserve.service.body import image_bytes
+from segserve.service.body import image_bytes, wait_for_disconnect
 from segserve.service.errors import ServiceError
+from segserve.service.metrics import Timings
 from segserve.service.render import MaskSpecError, RenderSpec, parse_masks
-from segserve.service.routes.deps import (
-    Service,
-    authorize,
-    deadline_of,
-    use_model,
-    wait_for_disconnect,
-)
+from segserve.service.routes.deps import Service, authorize, use_model
 from segserve.service.schemas import IMAGE_BODY, SEGMENT_RESPONSES
 
 router = APIRouter(dependencies=[Depends(authorize)])
-
-
-def server_timing(timings: dict[str, float]) -> str:
-    return ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in timings.items())
 
 
 class SegmentParams(BaseModel):
@@ -70,21 +60,17 @@ async def segment(
         raise ServiceError(422, str(exc)) from exc
     if mask_ids and params.format != "json":
         raise ServiceError(422, "masks come with format=json")
-    deadline = deadline_of(request)
+    timings: Timings = request.state.timings  # the middleware's: started on arrival
     s = service.settings
-    data = await image_bytes(request, s.max_body_bytes, deadline, s.idle_timeout_s)
-    timings: dict[str, float] = {}
-    request.state.timings = timings  # for the request log line
+    data = await image_bytes(request, s.max_body_bytes, timings.deadline, s.idle_timeout_s)
     spec = RenderSpec(params.format, tuple(mask_ids), params.mask_encoding)
-    started = request.state.started
     async with service.lease() as lease:
-        (image,) = await service.decode([data], served, timings, lease, deadline)
+        (image,) = await service.decode([data], served, timings, lease)
         (labels,) = await service.segment(
-            served, [image], deadline, timings, partial(wait_for_disconnect, request)
+            served, [image], timings, partial(wait_for_disconnect, request)
         )
-        body, media_type = await service.render(served, image, labels, spec, timings, started)
-    timings["total"] = time.perf_counter() - started
-    headers = {"Server-Timing": server_timing(timings)}
+        body, media_type = await service.render(served, image, labels, spec, timings)
+    headers = {"Server-Timing": timings.server_timing()}
     if image.scaled:
         h, w = image.inference_size
         headers["X-Inference-Size"] = f"{w}x{h}"

@@ -1,0 +1,17 @@
+"""Giving freed memory back: malloc_trim after work on many pixels, and only then."""
+
+from segserve.service import memory
+
+
+def test_memory_is_given_back_only_after_work_on_many_pixels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    memory.give_back_memory(memory.TRIM_AFTER_PIXELS - 1)
+    assert calls == []
+    memory.give_back_memory(memory.TRIM_AFTER_PIXELS)
+    assert calls == [0]
+
+
+def test_without_malloc_trim_nothing_is_called(monkeypatch):
+    monkeypatch.setattr(memory, "_malloc_trim", None)
+    memory.give_back_memory(10**9)  # no C library function: a no-op, not an error
