@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-STAGES = ("decode", "queue", "preprocess", "inference", "postprocess", "encode")
+from segserve.service.metrics import Stage
+
 PROTOCOLS = ("segment", "v2")
 
 
@@ -129,7 +130,7 @@ def server_breakdown(before: dict, after: dict) -> tuple[dict[str, float], float
         return total
 
     stages = {}
-    for stage in STAGES:
+    for stage in (s.value for s in Stage):
         count = delta("segserve_stage_duration_seconds_count", stage=stage)
         if count > 0:
             stages[stage] = 1000 * delta("segserve_stage_duration_seconds_sum", stage=stage) / count

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from segserve.service.errors import CODES
+from segserve.service.metrics import JSON_STAGES, TOTAL, Stage
 
 RGB = list[int]
 
@@ -58,7 +59,9 @@ class SegmentResult(BaseModel):
     masks: dict[str, str | RunLength] = Field(
         description="requested class name -> a 1-bit PNG (base64) or a COCO RLE"
     )
-    timings_ms: dict[str, float] = Field(description="decode, queue, inference, postprocess, total")
+    timings_ms: dict[str, float] = Field(
+        description=", ".join([*(s.value for s in JSON_STAGES), TOTAL]) + " (ms)"
+    )
 
 
 class ModelInput(BaseModel):
@@ -162,7 +165,7 @@ SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         "headers": {
             "Server-Timing": {
-                "description": "stage durations (decode, queue, inference, ...)",
+                "description": "stage durations: " + ", ".join(s.value for s in Stage),
                 "schema": {"type": "string"},
             },
             "X-Model": {"description": "the model that answered", "schema": {"type": "string"}},

@@ -12,7 +12,7 @@ from segserve.cli import MODEL_NAMES, main
 from segserve.training.checkpoint import CheckpointError, load_checkpoint
 from segserve.training.datasets import DatasetError, VOCSegmentation
 from segserve.training.synth import SYNTH_CLASSES, SynthConfig, render_sample
-from segserve.training.train import TrainConfig, autocast_dtype, train
+from segserve.training.train import TrainConfig, autocast_dtype, native_bf16, train
 
 
 def test_every_architecture_the_contract_names_builds_with_its_stride():
@@ -136,13 +136,14 @@ def test_bad_data_folders_give_clear_errors(synth_root, tmp_path, breakage, mess
         VOCSegmentation(root, "val")
 
 
-def _overfit_folder(synth_root, tmp_path, n=4):
-    """Train and val on the same few images: a net that learns must overfit them."""
+def _overfit_folder(synth_root, tmp_path, n=4, repeat=1):
+    """Train and val on the same few images: a net that learns must overfit them. The
+    training list holds them `repeat` times: more steps per epoch, fewer validations."""
     root = tmp_path / "overfit"
     shutil.copytree(synth_root, root)
     sets = root / "ImageSets" / "Segmentation"
     ids = sets.joinpath("train.txt").read_text().split()[:n]
-    sets.joinpath("train.txt").write_text("\n".join(ids))
+    sets.joinpath("train.txt").write_text("\n".join(ids * repeat))
     sets.joinpath("val.txt").write_text("\n".join(ids))
     return root
 
@@ -164,10 +165,12 @@ def _rows(run_dir):
 def test_a_tiny_training_run_overfits(synth_root, tmp_path):
     torch.set_num_threads(2)
     out = tmp_path / "run"
-    # median weighting as the default recipe: with 40 steps the small classes need it
-    train(_config(_overfit_folder(synth_root, tmp_path), out, epochs=40, class_weighting="median"))
+    # 48 steps of batch 4 over 4 images, validated 4 times (each validation and checkpoint
+    # costs more than a step); median weighting: in so few steps small classes need it
+    data = _overfit_folder(synth_root, tmp_path, repeat=12)
+    train(_config(data, out, epochs=4, class_weighting="median"))
     rows = _rows(out)
-    assert len(rows) == 40
+    assert len(rows) == 4
     first, last = rows[0], rows[-1]
     assert float(last["train_loss"]) < 0.5 * float(first["train_loss"])
     assert float(last["mean_iu"]) > float(first["mean_iu"]) + 0.2
@@ -193,26 +196,35 @@ def test_resume_continues_the_same_run(synth_root, tmp_path):
         assert float(ra["mean_iu"]) == pytest.approx(float(rb["mean_iu"]), rel=1e-4)
 
 
-def test_mixed_precision_is_float16_on_cuda_and_bfloat16_only_where_the_cpu_has_it():
+def test_auto_precision_is_float16_on_cuda_and_bfloat16_only_where_the_cpu_has_it():
     # No CUDA here: the choice is a function of the device, not of a live GPU.
-    assert autocast_dtype(torch.device("cuda", 0), amp=True) == torch.float16
-    assert autocast_dtype(torch.device("cuda", 0), amp=False) is None
-    assert autocast_dtype(torch.device("cpu"), amp=False) is None
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert autocast_dtype(torch.device("cpu"), amp=True) == (torch.bfloat16 if native else None)
+    assert autocast_dtype(torch.device("cuda", 0), "auto") == torch.float16
+    assert autocast_dtype(torch.device("cuda", 0), "float32") is None
+    assert autocast_dtype(torch.device("cpu"), "float32") is None
+    assert autocast_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+    expected = torch.bfloat16 if native_bf16() else None
+    assert autocast_dtype(torch.device("cpu"), "auto") == expected
+    with pytest.raises(SystemExit, match="CUDA"):
+        autocast_dtype(torch.device("cpu"), "float16")
 
 
-def test_a_mixed_precision_run_tracks_float32_and_saves_float32_weights(synth_root, tmp_path):
+def test_a_bfloat16_run_tracks_float32_and_saves_float32_weights(synth_root, tmp_path):
+    """Both arithmetics on every CPU: bfloat16 forced where it is emulated, float32 forced
+    where bf16 is native (where `auto` would never train in float32)."""
     data = _overfit_folder(synth_root, tmp_path)
-    runs = {amp: tmp_path / f"amp-{amp}" for amp in (False, True)}
-    for amp, out in runs.items():
-        train(_config(data, out, epochs=2, amp=amp))
-    plain, mixed = (_rows(runs[amp]) for amp in (False, True))
+    runs = {p: tmp_path / p for p in ("float32", "bfloat16")}
+    for precision, out in runs.items():
+        train(_config(data, out, epochs=2, precision=precision))
+    plain, mixed = (_rows(runs[p]) for p in ("float32", "bfloat16"))
     assert len(plain) == len(mixed) == 2
     # the same seed and data; only the arithmetic differs, so the first epoch's loss is close
     assert float(mixed[0]["train_loss"]) == pytest.approx(float(plain[0]["train_loss"]), rel=0.1)
-    state = load_checkpoint(runs[True] / "best.pt")["state_dict"]
-    assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+    ckpt = load_checkpoint(runs["bfloat16"] / "best.pt")
+    assert all(
+        t.dtype == torch.float32 for t in ckpt["state_dict"].values() if t.is_floating_point()
+    )
+    assert ckpt["provenance"]["arithmetic"] == "bfloat16"
+    assert load_checkpoint(runs["float32"] / "best.pt")["provenance"]["arithmetic"] == "float32"
 
 
 def test_resume_without_a_run_fails_clearly(synth_root, tmp_path):
@@ -279,10 +291,10 @@ def test_every_train_flag_is_a_config_field_and_the_cli_builds_the_same_config(t
 
     args = build_parser().parse_args(
         ["train", "--data", "d", "--model", "fcn16s", "--out", str(tmp_path), "--lr", "1e-3",
-         "--scale", "1", "2", "--no-amp", "--init-from", "x.pt"]
+         "--scale", "1", "2", "--precision", "float32", "--init-from", "x.pt"]
     )  # fmt: skip
     flags = set(vars(args)) - {"command", "func"}
     assert flags == {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig.from_mapping(vars(args))
-    assert (cfg.model, cfg.lr, cfg.scale, cfg.amp) == ("fcn16s", 1e-3, (1.0, 2.0), False)
+    assert (cfg.model, cfg.lr, cfg.scale, cfg.precision) == ("fcn16s", 1e-3, (1.0, 2.0), "float32")
     assert cfg.init_from == Path("x.pt") and cfg.out == tmp_path

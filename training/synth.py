@@ -278,6 +278,9 @@ def write_dataset(out: Path, config: SynthConfig, progress: bool = True) -> dict
         "count": config.count,
         "min_size": config.min_size,
         "max_size": config.max_size,
+        "max_objects": config.max_objects,
+        "object_scale": list(config.object_scale),
+        "val_fraction": config.val_fraction,
     }
     (out / "classes.json").write_text(json.dumps(meta, indent=2))
     total = pixels.sum()

@@ -24,9 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from segserve import models
+from segserve.contracts.card import IMAGENET_MEAN, IMAGENET_STD, SCORES
+from segserve.training import provenance
 from segserve.training.checkpoint import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    checkpoint_fields,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -81,7 +82,9 @@ class TrainConfig:
     resume: bool = False
     stop_after: int | None = None
     device: str = "auto"
-    amp: bool = True
+    # auto: float16 on CUDA, bfloat16 on CPUs that compute it natively, else float32;
+    # float32 | bfloat16 | float16 force one (bfloat16 where it is emulated is slow, not wrong).
+    precision: str = "auto"
     compile: bool = False  # torch.compile the training forward/backward (about 1.15x on CPU)
     workers: int = 2
     seed: int = 0
@@ -101,15 +104,15 @@ class TrainConfig:
         self.scale = tuple(self.scale)
         if self.loss not in ("mean", "sum"):
             raise ValueError(f"loss must be 'mean' or 'sum', not {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
         if self.class_weighting not in CLASS_WEIGHTINGS:
             raise ValueError(
                 f"class_weighting must be one of {', '.join(CLASS_WEIGHTINGS)}, "
                 f"not {self.class_weighting!r}"
             )
-
-    @property
-    def base_lr(self) -> float:
-        return self.lr
 
     @classmethod
     def from_mapping(cls, values: dict) -> TrainConfig:
@@ -136,6 +139,7 @@ class EvalShard(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 # none; median frequency balancing; its square root, which keeps rare classes up without
 # making the background (10x below the median on the shapes set) cheap to paint over.
 CLASS_WEIGHTINGS = ("none", "median", "sqrt")
@@ -255,19 +259,24 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The mixed-precision type for `device`, or None for plain float32. CUDA: float16 (with a
-    grad scaler). CPU: bfloat16 where the CPU computes it natively (AVX512-BF16 / AMX through
-    oneDNN: 2-2.5x the float32 step on this project's 2-core machine, docs/benchmarks.md);
-    elsewhere bf16 is emulated and slower than float32, so it stays off."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    native_bf16 = torch.backends.mkldnn.is_available() and (
-        torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
-    return torch.bfloat16 if device.type == "cpu" and native_bf16 else None
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX, through oneDNN)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The mixed-precision type a run computes in, or None for plain float32.
+
+    auto: float16 on CUDA (with a grad scaler); on a CPU bfloat16 only where it is native
+    (2-2.5x the float32 step on an AVX512-BF16 machine, docs/benchmarks.md): elsewhere
+    it is emulated and slower than float32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if native_bf16() else None
+    if precision == "float16" and device.type != "cuda":
+        raise SystemExit("--precision float16 needs a CUDA device; on a CPU use bfloat16")
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
 
 
 def train_one_epoch(
@@ -307,7 +316,9 @@ def train(cfg: TrainConfig) -> dict:
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     train_set = VOCSegmentation(
-        cfg.data, "train", TrainTransform(cfg.crop_size, mean, std, scale=cfg.scale, margin=cfg.border_margin)
+        cfg.data,
+        "train",
+        TrainTransform(cfg.crop_size, mean, std, scale=cfg.scale, margin=cfg.border_margin),
     )
     val_set = VOCSegmentation(cfg.data, "val", EvalTransform(mean, std))
     if cfg.max_train_images:
@@ -331,7 +342,7 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lambda(total_iters, cfg.poly_power)
     )
-    amp_dtype = autocast_dtype(device, cfg.amp)
+    amp_dtype = autocast_dtype(device, cfg.precision)
     if amp_dtype is not None:  # NHWC: what oneDNN / tensor cores convolve fastest
         model.to(memory_format=torch.channels_last)
     # bf16 keeps float32's exponent range, so only float16 needs loss scaling
@@ -347,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
         reduction=cfg.loss,
     )
 
-    start_epoch, best_iu = 0, -math.inf
+    start_epoch, best_iu, train_seconds = 0, -math.inf, 0.0  # seconds over every invocation
     if cfg.resume:
         last = cfg.out / "last.pt"
         if not last.is_file():
@@ -358,6 +369,7 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best_iu = ckpt["epoch"] + 1, ckpt["best_mean_iu"]
+        train_seconds = ckpt.get("train_seconds", 0.0)
         restore_rng_state(ckpt["rng"], g)
 
     ddp_devices = [device] if device.type == "cuda" else None
@@ -365,7 +377,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.compile:  # training steps only: validation runs whole images of many sizes
         net = torch.compile(net)
     config = {
-        **cfg.as_json(), "lr": cfg.base_lr, "num_classes": num_classes,
+        **cfg.as_json(), "lr": cfg.lr, "num_classes": num_classes,
         "class_names": train_set.class_names, "world_size": world,
     }  # fmt: skip
     metrics_path = cfg.out / "metrics.csv"
@@ -394,7 +406,7 @@ def train(cfg: TrainConfig) -> dict:
             "epoch": epoch + 1,
             "train_loss": train_loss,
             "val_loss": scores["val_loss"],
-            **{k: scores[k] for k in ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")},
+            **{k: scores[k] for k in SCORES},
             "lr": scheduler.get_last_lr()[0],
             "images_per_s": seen * world / train_s,
             "epoch_s": time.perf_counter() - t0,
@@ -403,22 +415,14 @@ def train(cfg: TrainConfig) -> dict:
             continue
         with metrics_path.open("a", newline="") as f:
             csv.writer(f).writerow([row[c] for c in METRIC_COLUMNS])
-        val_metrics = {
-            k: scores[k]
-            for k in (
-                "pixel_accuracy",
-                "mean_accuracy",
-                "mean_iu",
-                "fw_iu",
-                "per_class_iu",
-                "pixels",
-            )
-        }
-        fields_ = dict(
-            architecture=cfg.model, model_options=model_options, num_classes=num_classes,
-            class_names=train_set.class_names, palette=train_set.palette, mean=mean, std=std,
-            state_dict=model.state_dict(), metrics=val_metrics, epoch=epoch,
-            trained_on=str(train_set.root), torch_version=str(torch.__version__),
+        val_metrics = {k: scores[k] for k in (*SCORES, "per_class_iu", "pixels")}
+        train_seconds += time.perf_counter() - t0
+        fields_ = checkpoint_fields(
+            model, cfg.model, model_options, train_set.class_names, train_set.palette,
+            metrics=val_metrics, trained_on=str(train_set.root), mean=mean, std=std,
+            epoch=epoch, provenance=provenance.record(
+                device, amp_dtype, train_seconds, world, cfg.as_json(), train_set.root
+            ),
         )  # fmt: skip
         is_best = scores["mean_iu"] > best_iu
         best_iu = max(best_iu, scores["mean_iu"])
@@ -427,6 +431,7 @@ def train(cfg: TrainConfig) -> dict:
         save_checkpoint(
             cfg.out / "last.pt", **fields_, best_mean_iu=best_iu, optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng_state(g),
+            train_seconds=train_seconds,
         )  # fmt: skip
         if cfg.progress:
             print(
