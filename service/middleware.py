@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,9 +38,13 @@ def route_label(scope: Scope) -> str:
 
 class RequestMiddleware:
     def __init__(
-        self, app: ASGIApp, metrics: ServiceMetrics, timeout_s: float = float("inf")
-    ) -> None:
+        self, app: ASGIApp, metrics: ServiceMetrics, timeout_s: float = float("inf"),
+        closing: Callable[[], bool] = lambda: False,
+    ) -> None:  # fmt: skip
         self.app, self.metrics, self.timeout_s = app, metrics, timeout_s
+        # True while the server drains for shutdown: each response closes its connection,
+        # so no client holds a keep-alive connection to a replica about to stop listening.
+        self.closing = closing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,6 +62,8 @@ class RequestMiddleware:
                 status, started = message["status"], True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                if self.closing():
+                    headers.append((b"connection", b"close"))
                 if "model" in state:
                     headers.append((b"x-model", state["model"].encode()))
                     headers.append((b"x-model-version", str(state["version"]).encode()))

@@ -55,7 +55,8 @@ class ModelRegistry:
         self._models: dict[str, dict[int, ServedModel]] = {}
         self._failed: dict[tuple[str, int], FailedModel] = {}
         self._default: str | None = None
-        self.serving = False  # between the end of start() and the beginning of stop()
+        self.serving = False  # between the end of start() and a drain or stop()
+        self.draining = False  # set by drain(): unready, still answering
         self._watcher: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
         metrics.follow(lambda: [(m.name, m.batcher.saturation()) for m in self.all()])
@@ -107,6 +108,8 @@ class ModelRegistry:
         default model and every required model loaded and warm. Other models that failed do
         not count (they are in /models and segserve_model_load_failures). No file paths in
         the reason: /readyz is public."""
+        if self.draining:
+            return "draining for shutdown"
         if not self.serving:
             return "starting or shutting down"
         needed = [self._default, *self.settings.required]
@@ -136,6 +139,10 @@ class ModelRegistry:
         log.info("ready: %s", self.unready_reason() or "yes")
         if self.settings.repository_poll_s > 0:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def drain(self) -> None:
+        """Turn unready while still serving (the first step of a shutdown)."""
+        self.draining = True
 
     async def stop(self) -> None:
         """Refuse new work and finish what is queued (after the server stopped accepting)."""

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     max_batch_pixels: int = Field(16_000_000, ge=1)
     max_queued_pixels: int = Field(32_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    # After SIGTERM: seconds of answering requests while unready (and closing keep-alive
+    # connections), so that a balancer sees the replica go before it stops listening
+    # (service/server.py). Set it above the balancer's health-check interval x failures.
+    shutdown_drain_s: float = Field(0.0, ge=0)
 
     # -- what a request may be -------------------------------------------------------------
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)

@@ -111,6 +111,31 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_repository, tmp_path):
     assert "Waiting for application shutdown" in log and "Finished server process" in log
 
 
+def test_sigterm_first_drains_unready_while_serving_then_stops_listening(tiny_repository, tmp_path):
+    """With a drain, SIGTERM turns /readyz to 503 at once while /segment still answers, each
+    answer closing its connection; SIGINT would skip it. Then the process exits."""
+    with run_server(tiny_repository, tmp_path, shutdown_drain_s=3) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            before = c.post(
+                "/segment", content=image_bytes(32, 32), headers={"Content-Type": "image/png"}
+            )
+            assert before.status_code == 200 and before.headers.get("connection") != "close"
+            server.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while c.get("/readyz").status_code == 200:
+                assert time.monotonic() < deadline, "never turned unready"
+                time.sleep(0.05)
+            ready = c.get("/readyz")
+            assert ready.json()["detail"] == "draining for shutdown"
+            during = c.post(
+                "/segment", content=image_bytes(32, 32), headers={"Content-Type": "image/png"}
+            )
+            assert during.status_code == 200 and during.headers["connection"] == "close"
+            assert c.get("/healthz").status_code == 200  # alive: only unready
+        assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    assert "SIGTERM: unready, serving for 3.0 s more" in server.log_text()
+
+
 def test_service_and_cli_import_without_torch():
     """The GPU image carries no torch: the service, predict, bench and the CLI must not need it."""
     code = (
