@@ -147,8 +147,8 @@ def test_kubernetes_manifests_validate_against_kubernetes_schemas():
 
     checked = 0
     for doc in manifests().values():
-        if doc["apiVersion"].split("/")[0].endswith((".coreos.com", ".kserve.io")):
-            continue  # custom resources: checked below
+        if doc["apiVersion"].split("/")[0].endswith((".coreos.com", ".kserve.io", "keda.sh")):
+            continue  # custom resources: tests/test_crds.py, against their CRDs
         kubernetes_validate.validate(doc, "1.31", strict=True)
         checked += 1
     assert checked >= 6
@@ -160,14 +160,20 @@ def test_kubernetes_manifests_validate_against_kubernetes_schemas():
     assert all((KUBE / r).is_file() for r in listed)
 
 
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
 def test_the_deployment_matches_the_drain_and_the_custom_resources_fit():
     m = manifests()
     pod = m["deployment.yaml"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert (
-        pod["terminationGracePeriodSeconds"]
-        >= 30 + container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    )
+    # SIGTERM: unready and still answering for the drain, then up to the request deadline
+    # (30 s, the default) for what is in flight; the grace period must cover both.
+    drain = float(env_of(container)["SEGSERVE_SHUTDOWN_DRAIN_S"])
+    assert drain >= 2 * container["readinessProbe"]["periodSeconds"]
+    assert pod["terminationGracePeriodSeconds"] >= drain + 30
+    assert "lifecycle" not in container  # the drain is the server's own, not a preStop sleep
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -187,6 +193,32 @@ def test_the_deployment_matches_the_drain_and_the_custom_resources_fit():
     predictor = isvc["spec"]["predictor"]["containers"][0]
     assert predictor["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert predictor["image"] == container["image"]  # the same image serves both ways
+    assert (
+        float(env_of(predictor)["SEGSERVE_SHUTDOWN_DRAIN_S"]) + 30
+        <= (isvc["spec"]["predictor"]["terminationGracePeriodSeconds"])
+    )
+
+
+def test_autoscaling_is_on_segserve_saturation_not_cpu():
+    """The HPA reads a Pods metric that the adapter's rule makes from segserve's predicted
+    wait; KEDA and KServe query the same series with the same per-pod target."""
+    m = manifests()
+    (metric,) = m["hpa.yaml"]["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    name = metric["pods"]["metric"]["name"]
+    target = metric["pods"]["target"]["averageValue"]
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus-adapter" / "config.yaml").read_text())
+    exposed = {r["name"]["as"]: r for r in rules["rules"]}
+    assert name == "segserve_predicted_wait_seconds" and name in exposed
+    assert exposed[name]["seriesQuery"].startswith(name)
+    trigger = m["keda-scaledobject.yaml"]["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus" and name in trigger["metadata"]["query"]
+    external = m["inferenceservice.yaml"]["spec"]["predictor"]["autoScaling"]["metrics"][0]
+    assert external["external"]["metric"]["query"] == trigger["metadata"]["query"]
+    assert float(trigger["metadata"]["threshold"]) == float(target.removesuffix("m")) / 1000
+    assert float(external["external"]["target"]["averageValue"]) == float(
+        trigger["metadata"]["threshold"]
+    )
 
 
 # -- Dockerfiles -------------------------------------------------------------------------
