@@ -58,7 +58,10 @@ def test_metric_help_says_what_is_counted():
 
 
 def test_saturation_is_read_at_each_scrape_and_two_versions_of_a_name_add_up():
-    now = {"v1": Saturation(2, 2000, 500, 8000, 0.4, 1.5), "v2": Saturation(1, 100, 0, 8000, 0.9, 0.2)}
+    now = {
+        "v1": Saturation(2, 2000, 500, 8000, 0.4, 1.5),
+        "v2": Saturation(1, 100, 0, 8000, 0.9, 0.2),
+    }
     metrics = ServiceMetrics()
     metrics.follow(lambda: [("m", s) for s in now.values()])
     found = families(metrics)
