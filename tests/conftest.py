@@ -31,6 +31,36 @@ def png_bomb(tmp_path_factory) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_conversions_once(tmp_path_factory):
+    """The torch -> ONNX conversion (the dynamo exporter: 10-20 s a network on two cores)
+    once per network and variant in a session. Tests that export the same checkpoint again
+    (a new version, --force, the tiny repository beside test_export's own) get a copy of the
+    first conversion; everything export does after it (the parity gate, the card, publishing)
+    runs every time, and every variant is converted for real at least once."""
+    import hashlib
+    import shutil
+
+    from segserve.export import onnx_export
+
+    real, cache = onnx_export.write_onnx, tmp_path_factory.mktemp("onnx-conversions")
+
+    def write_onnx(segmenter, path):
+        digest = hashlib.sha256(repr((type(segmenter.net).__name__, segmenter.uint8_input,
+                                      segmenter.labels, str(segmenter.scale.dtype))).encode())  # fmt: skip
+        for name, tensor in segmenter.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        converted = cache / f"{digest.hexdigest()}.onnx"
+        if not converted.exists():
+            real(segmenter, converted)
+        shutil.copyfile(converted, path)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(onnx_export, "write_onnx", write_onnx)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory) -> Path:
     """A model repository holding a width-8 U-Net with 4 classes, exported for real twice:
