@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from segserve import loadgen
@@ -70,18 +69,7 @@ def running(cmd: list[str], port: int, env: dict, log: Path) -> Iterator[subproc
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"{cmd[2]} exited:\n{log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"server on {port} did not start")
-            time.sleep(0.2)
+        loadgen.wait_until_up(f"http://127.0.0.1:{port}/metrics", proc, 180, log)
         yield proc
     finally:
         proc.terminate()

@@ -17,6 +17,7 @@ import asyncio
 import io
 import json
 import os
+import subprocess
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -409,3 +410,22 @@ def to_json(
         },
         indent=2,
     )
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    """Poll `url` until it answers 200 (a server process starting); a RuntimeError with the
+    end of its log when the process exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the server was not up in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
+            )
+        time.sleep(0.1)

@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from segserve.loadgen import wait_until_up
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,19 +89,7 @@ def run_server(repository: Path, tmp_path: Path, wait_ready: bool = True, **sett
         )  # fmt: skip
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 60
-        path = "/readyz" if wait_ready else "/healthz"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{log.read_text()}")
-            try:
-                if httpx.get(server.url + path, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up in 60 s:\n{log.read_text()}")
-            time.sleep(0.1)
+        wait_until_up(server.url + ("/readyz" if wait_ready else "/healthz"), proc, 60, log)
         yield server
     finally:
         if proc.poll() is None:

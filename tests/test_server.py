@@ -136,6 +136,36 @@ def test_sigterm_first_drains_unready_while_serving_then_stops_listening(tiny_re
     assert "SIGTERM: unready, serving for 3.0 s more" in server.log_text()
 
 
+def test_the_first_sigterm_drains_and_sigint_or_a_second_signal_do_not():
+    """DrainingServer on its own (no socket): SIGTERM starts the drain and asks uvicorn to
+    exit only after it; SIGINT, a second SIGTERM, or no drain at all ask at once."""
+    import uvicorn
+
+    from segserve.service.server import DrainingServer
+
+    def server(drain_s: float) -> tuple[DrainingServer, list]:
+        drained: list = []
+        return DrainingServer(uvicorn.Config(app=None), lambda: drained.append(1), drain_s), drained
+
+    s, drained = server(0.2)
+    s.handle_exit(signal.SIGTERM, None)
+    assert drained == [1] and not s.should_exit
+    deadline = time.monotonic() + 10
+    while not s.should_exit:
+        assert time.monotonic() < deadline, "the drain never ended"
+        time.sleep(0.01)
+    s, drained = server(30)
+    s.handle_exit(signal.SIGTERM, None)
+    s.handle_exit(signal.SIGTERM, None)  # a second one: now
+    assert drained == [1] and s.should_exit
+    s, drained = server(30)
+    s.handle_exit(signal.SIGINT, None)
+    assert drained == [] and s.should_exit
+    s, drained = server(0)
+    s.handle_exit(signal.SIGTERM, None)
+    assert drained == [] and s.should_exit
+
+
 def test_service_and_cli_import_without_torch():
     """The GPU image carries no torch: the service, predict, bench and the CLI must not need it."""
     code = (
