@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from segserve.training.metrics import ConfusionMatrix, segmentation_scores
+from segserve.training.metrics import ConfusionMatrix, border_background_errors, segmentation_scores
 
 
 def test_scores_match_hand_computed_values():
@@ -58,3 +58,13 @@ def test_perfect_prediction_scores_one_and_empty_is_nan():
     s = cm.scores()
     assert s["pixel_accuracy"] == s["mean_accuracy"] == s["mean_iu"] == s["fw_iu"] == 1.0
     assert math.isnan(segmentation_scores(np.zeros((3, 3)))["mean_iu"])
+
+
+def test_border_errors_count_background_called_something_else_near_the_border():
+    target = np.zeros((20, 20), np.uint8)
+    target[8:12, 8:12] = 1  # an object in the middle, far from the border
+    pred = target.copy()
+    pred[0, :5] = 2  # five background pixels on the top edge painted as class 2
+    pred[10, 10] = 0  # an error inside does not count here
+    wrong, background = border_background_errors(pred, target, width=4)
+    assert background == 20 * 20 - 12 * 12 and wrong == 5

@@ -73,3 +73,14 @@ def segmentation_scores(matrix) -> dict:
         else float("nan"),
         "per_class_iu": [float(v) for v in per_class_iu],
     }
+
+
+def border_background_errors(pred, target, width: int = 4) -> tuple[int, int]:
+    """(background pixels within `width` px of the image border predicted as some other
+    class, background pixels there): a network that never saw image borders in training
+    paints objects along them."""
+    pred, target = _as_numpy(pred), _as_numpy(target)
+    band = np.ones(target.shape, dtype=bool)
+    band[width:-width, width:-width] = False
+    background = band & (target == 0)
+    return int((background & (pred != 0)).sum()), int(background.sum())

@@ -358,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
         reduction=cfg.loss,
     )
 
-    start_epoch, best_iu, train_seconds = 0, -math.inf, 0.0  # seconds over every invocation
+    start_epoch, best_iu = 0, -math.inf
     if cfg.resume:
         last = cfg.out / "last.pt"
         if not last.is_file():
@@ -369,7 +369,6 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best_iu = ckpt["epoch"] + 1, ckpt["best_mean_iu"]
-        train_seconds = ckpt.get("train_seconds", 0.0)
         restore_rng_state(ckpt["rng"], g)
 
     ddp_devices = [device] if device.type == "cuda" else None
@@ -416,7 +415,8 @@ def train(cfg: TrainConfig) -> dict:
         with metrics_path.open("a", newline="") as f:
             csv.writer(f).writerow([row[c] for c in METRIC_COLUMNS])
         val_metrics = {k: scores[k] for k in (*SCORES, "per_class_iu", "pixels")}
-        train_seconds += time.perf_counter() - t0
+        with metrics_path.open() as f:  # every epoch so far, over every invocation
+            train_seconds = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
         fields_ = checkpoint_fields(
             model, cfg.model, model_options, train_set.class_names, train_set.palette,
             metrics=val_metrics, trained_on=str(train_set.root), mean=mean, std=std,
@@ -431,7 +431,6 @@ def train(cfg: TrainConfig) -> dict:
         save_checkpoint(
             cfg.out / "last.pt", **fields_, best_mean_iu=best_iu, optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng_state(g),
-            train_seconds=train_seconds,
         )  # fmt: skip
         if cfg.progress:
             print(
