@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
 
-.PHONY: setup tools run test test-slow test-images screenshots lint bootstrap bench-peers clean
+.PHONY: setup tools run test test-slow test-images test-fleet screenshots lint bootstrap bench-peers clean
 
 # torch and torchvision go through pip on their own, pinned: pip takes them from this
 # machine's disk; the rest of the project installs with its train and dev extras.
@@ -19,23 +19,27 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Builds the default model (synthetic data, a short CPU training run, export) only when the
-# repository has none, then serves on :8000.
+# Puts the default model that ships with the project (segserve/default_model) into the
+# repository when it holds none, then serves on :8000. Nothing trains.
 run: setup
-	$(VENV)/bin/segserve bootstrap --repository $(REPOSITORY)
+	$(VENV)/bin/segserve init --repository $(REPOSITORY)
 	$(VENV)/bin/segserve serve --repository $(REPOSITORY) --host 0.0.0.0 --port 8000
 
+# Rebuilds the default model from scratch (data, the shipped recipe, export as the next
+# version): it says first what that costs on this machine. Hours on a 2-core CPU.
 bootstrap: setup
-	$(VENV)/bin/segserve bootstrap --repository $(REPOSITORY)
+	$(VENV)/bin/segserve bootstrap --repository $(REPOSITORY) --work-dir .
 
 # From Debian's packages, for the tests: Prometheus and Alertmanager (real servers and their
-# checkers for the monitoring tests), chromium and its driver (the web page in a browser).
+# checkers for the monitoring tests), chromium and its driver (the web page in a browser),
+# haproxy (the balancer in front of the fleet test's replicas).
 tools:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1 \
-		&& command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
-		echo "installing Debian's prometheus, prometheus-alertmanager, chromium and chromium-driver (for the tests)"; \
+		&& command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 \
+		&& command -v haproxy >/dev/null 2>&1 || { \
+		echo "installing Debian's prometheus, prometheus-alertmanager, chromium, chromium-driver and haproxy (for the tests)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			prometheus prometheus-alertmanager chromium chromium-driver >/dev/null; \
+			prometheus prometheus-alertmanager chromium chromium-driver haproxy >/dev/null; \
 	} || echo "warning: could not install the test tools; their tests will be skipped"
 
 test: setup tools
@@ -52,9 +56,16 @@ test-images: setup tools
 	$(PY) -m pytest -m images tests/images -v -p no:cacheprovider
 	@cat .bench/images-report.json
 
+# Three replicas behind haproxy with Prometheus, under load: rolling restarts, a SIGKILL, a
+# new version rolled out, the autoscaling queries (tests/test_fleet.py). About five minutes.
+test-fleet: setup tools
+	$(PY) -m pytest -m fleet tests/test_fleet.py -v -p no:cacheprovider
+	@cat .bench/fleet-report.json
+
 # The browser tests against the default model, saving what chromium showed into docs/images
 # (the pictures the README shows).
-screenshots: bootstrap tools
+screenshots: setup tools
+	$(VENV)/bin/segserve init --repository $(REPOSITORY)
 	SEGSERVE_SCREENSHOTS=docs/images SEGSERVE_BROWSER_REPOSITORY=$(REPOSITORY) \
 		$(PY) -m pytest -q tests/test_browser.py -p no:cacheprovider
 
@@ -64,7 +75,8 @@ lint: setup
 
 # segserve beside Triton and LitServe on the default model (docs/benchmarks.md); sets up each
 # peer in its own venv under .bench/ from the package index. About 55 minutes.
-bench-peers: bootstrap
+bench-peers: setup
+	$(VENV)/bin/segserve init --repository $(REPOSITORY)
 	$(PY) -m bench.peers --repository $(REPOSITORY) --model unet-shapes --out docs/bench
 
 clean:
