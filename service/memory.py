@@ -15,7 +15,7 @@ import ctypes.util
 TRIM_AFTER_PIXELS = 1_000_000
 
 
-def _load_trim():
+def load_trim():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc.malloc_trim
@@ -23,10 +23,10 @@ def _load_trim():
         return None
 
 
-_malloc_trim = _load_trim()
+malloc_trim = load_trim()
 
 
 def give_back_memory(pixels: int) -> None:
     """After work on `pixels` pixels: return the heap's free memory to the system."""
-    if _malloc_trim is not None and pixels >= TRIM_AFTER_PIXELS:
-        _malloc_trim(0)
+    if malloc_trim is not None and pixels >= TRIM_AFTER_PIXELS:
+        malloc_trim(0)

@@ -358,7 +358,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 def test_dashboard_has_the_panels_and_variables_users_need():
     titles = " | ".join(p["title"] for p in dashboard()["panels"]).lower()
     for word in ("status", "p99", "stage", "batch size", "queue depth", "rejections", "image sizes",
-                 "gpu utilisation", "gpu memory"):  # fmt: skip
+                 "gpu utilisation", "gpu memory", "predicted wait", "padding"):  # fmt: skip
         assert word in titles, word
     assert {v["name"] for v in dashboard()["templating"]["list"]} == {"model", "instance"}
     latency = next(p for p in dashboard()["panels"] if "p99" in p["title"])

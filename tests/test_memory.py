@@ -5,7 +5,7 @@ from segserve.service import memory
 
 def test_memory_is_given_back_only_after_work_on_many_pixels(monkeypatch):
     calls = []
-    monkeypatch.setattr(memory, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(memory, "malloc_trim", lambda pad: calls.append(pad) or 1)
     memory.give_back_memory(memory.TRIM_AFTER_PIXELS - 1)
     assert calls == []
     memory.give_back_memory(memory.TRIM_AFTER_PIXELS)
@@ -13,5 +13,9 @@ def test_memory_is_given_back_only_after_work_on_many_pixels(monkeypatch):
 
 
 def test_without_malloc_trim_nothing_is_called(monkeypatch):
-    monkeypatch.setattr(memory, "_malloc_trim", None)
+    monkeypatch.setattr(memory, "malloc_trim", None)
     memory.give_back_memory(10**9)  # no C library function: a no-op, not an error
+
+
+def test_glibc_s_malloc_trim_is_found_here():
+    assert memory.load_trim() is not None  # the machines this project runs on use glibc

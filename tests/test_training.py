@@ -11,7 +11,7 @@ from PIL import Image
 from segserve.cli import MODEL_NAMES, main
 from segserve.training.checkpoint import CheckpointError, load_checkpoint
 from segserve.training.datasets import DatasetError, VOCSegmentation
-from segserve.training.synth import SYNTH_CLASSES, SynthConfig, render_sample
+from segserve.training.synth import SYNTH_CLASSES, SynthConfig, render_sample, write_dataset
 from segserve.training.train import TrainConfig, autocast_dtype, native_bf16, train
 
 
@@ -136,14 +136,13 @@ def test_bad_data_folders_give_clear_errors(synth_root, tmp_path, breakage, mess
         VOCSegmentation(root, "val")
 
 
-def _overfit_folder(synth_root, tmp_path, n=4, repeat=1):
-    """Train and val on the same few images: a net that learns must overfit them. The
-    training list holds them `repeat` times: more steps per epoch, fewer validations."""
+def _overfit_folder(synth_root, tmp_path, n=4):
+    """Train and val on the same few images: a net that learns must overfit them."""
     root = tmp_path / "overfit"
     shutil.copytree(synth_root, root)
     sets = root / "ImageSets" / "Segmentation"
     ids = sets.joinpath("train.txt").read_text().split()[:n]
-    sets.joinpath("train.txt").write_text("\n".join(ids * repeat))
+    sets.joinpath("train.txt").write_text("\n".join(ids))
     sets.joinpath("val.txt").write_text("\n".join(ids))
     return root
 
@@ -162,15 +161,21 @@ def _rows(run_dir):
         return list(csv.DictReader(f))
 
 
-def test_a_tiny_training_run_overfits(synth_root, tmp_path):
+def test_a_tiny_training_run_overfits(tmp_path):
+    """Trained and validated on the same four images, each a few large objects: a net that
+    learns overfits them within 40 steps (one an epoch, so every epoch is a measurement)."""
     torch.set_num_threads(2)
-    out = tmp_path / "run"
-    # 48 steps of batch 4 over 4 images, validated 4 times (each validation and checkpoint
-    # costs more than a step); median weighting: in so few steps small classes need it
-    data = _overfit_folder(synth_root, tmp_path, repeat=12)
-    train(_config(data, out, epochs=4, class_weighting="median"))
+    data, out = tmp_path / "data", tmp_path / "run"
+    large = SynthConfig(
+        count=5, seed=11, min_size=64, max_size=96, max_objects=3, object_scale=(0.4, 0.8)
+    )
+    write_dataset(data, large, progress=False)
+    sets = data / "ImageSets" / "Segmentation"
+    sets.joinpath("val.txt").write_text(sets.joinpath("train.txt").read_text())
+    # median weighting as the default recipe had it: in 40 steps small classes need it
+    train(_config(data, out, epochs=40, crop_size=64, class_weighting="median"))
     rows = _rows(out)
-    assert len(rows) == 4
+    assert len(rows) == 40
     first, last = rows[0], rows[-1]
     assert float(last["train_loss"]) < 0.5 * float(first["train_loss"])
     assert float(last["mean_iu"]) > float(first["mean_iu"]) + 0.2
@@ -179,6 +184,8 @@ def test_a_tiny_training_run_overfits(synth_root, tmp_path):
     assert best["metrics"]["mean_iu"] == max(float(r["mean_iu"]) for r in rows)
     assert best["class_names"] == list(SYNTH_CLASSES) and best["architecture"] == "unet"
     assert best["model_options"] == {"width": 8, "batch_norm": True}
+    assert best["provenance"]["config"]["epochs"] == 40
+    assert best["provenance"]["data"]["count"] == 5
 
 
 def test_resume_continues_the_same_run(synth_root, tmp_path):

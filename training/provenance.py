@@ -75,11 +75,12 @@ def data_description(root: Path) -> dict:
 
 
 def record(
-    device: torch.device, amp_dtype: torch.dtype | None, train_seconds: float, world: int,
-    config: dict, data: Path, argv: list[str] | None = None,
+    device: torch.device, amp_dtype: torch.dtype | None, world: int, config: dict, data: Path,
+    argv: list[str] | None = None,
 ) -> dict:  # fmt: skip
-    """The provenance of a run as it stands now: `config` is the run's TrainConfig (JSON),
-    `data` its data folder."""
+    """The provenance of a run (taken once, when it starts: the git and /proc reads cost more
+    than a tiny epoch); `config` is the run's TrainConfig (JSON), `data` its data folder. The
+    checkpoint adds `train_seconds` as it goes."""
     argv = sys.argv if argv is None else argv
     return {
         "commit": git_commit(),
@@ -90,6 +91,5 @@ def record(
         "processes": world,
         "threads": torch.get_num_threads(),
         "arithmetic": arithmetic(amp_dtype),
-        "train_seconds": round(train_seconds, 1),
         "torch": str(torch.__version__),
     }

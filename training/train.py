@@ -388,6 +388,7 @@ def train(cfg: TrainConfig) -> dict:
 
     row: dict = {}
     progress = cfg.progress and rank == 0
+    origin = provenance.record(device, amp_dtype, world, cfg.as_json(), train_set.root)
     last_epoch = (
         cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
     )
@@ -420,9 +421,7 @@ def train(cfg: TrainConfig) -> dict:
         fields_ = checkpoint_fields(
             model, cfg.model, model_options, train_set.class_names, train_set.palette,
             metrics=val_metrics, trained_on=str(train_set.root), mean=mean, std=std,
-            epoch=epoch, provenance=provenance.record(
-                device, amp_dtype, train_seconds, world, cfg.as_json(), train_set.root
-            ),
+            epoch=epoch, provenance={**origin, "train_seconds": round(train_seconds, 1)},
         )  # fmt: skip
         is_best = scores["mean_iu"] > best_iu
         best_iu = max(best_iu, scores["mean_iu"])
