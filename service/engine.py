@@ -204,8 +204,9 @@ class Engine:
 
     def stack(self, items: list[np.ndarray]) -> np.ndarray:
         """Stack prepared items into one input; items of different sizes are padded
-        bottom/right to a common size rounded up to the size divisor. The padding is the
-        data set's mean colour (zero after normalisation), which disturbs the net least."""
+        bottom/right to a common size rounded up to the size divisor, by repeating their last
+        row and column: the image seems to go on, as a network that pads its own input this
+        way (segserve's U-Net) sees it when the image runs alone."""
         sizes = [self.item_size(it) for it in items]
         if len(set(sizes)) == 1:
             return items[0][None] if len(items) == 1 else np.stack(items)
@@ -213,20 +214,15 @@ class Engine:
         h = max(padded_size(size, div)[0] for size in sizes)
         w = max(padded_size(size, div)[1] for size in sizes)
         nhwc = self.card.input_layout == "NHWC"
-        shape = (len(items), h, w, 3) if nhwc else (len(items), 3, h, w)
-        out = np.empty(shape, dtype=items[0].dtype)
-        out[...] = self._pad_value().reshape((1, 1, 1, 3) if nhwc else (1, 3, 1, 1))
+        out = np.empty((len(items), h, w, 3) if nhwc else (len(items), 3, h, w), items[0].dtype)
         for i, (it, (ih, iw)) in enumerate(zip(items, sizes, strict=True)):
-            if nhwc:
-                out[i, :ih, :iw] = it
-            else:
-                out[i, :, :ih, :iw] = it
+            # In NCHW the channels come first: view each as H x W x ... to fill it the same way.
+            one = out[i] if nhwc else out[i].transpose(1, 2, 0)
+            pixels = it if nhwc else it.transpose(1, 2, 0)
+            one[:ih, :iw] = pixels
+            one[ih:, :iw] = pixels[ih - 1 : ih]  # the last row, downwards
+            one[:, iw:] = one[:, iw - 1 : iw]  # the last column (and corner), rightwards
         return out
-
-    def _pad_value(self) -> np.ndarray:
-        if self.card.takes_uint8:
-            return np.round(np.asarray(self.card.mean) * 255).astype(np.uint8)
-        return np.zeros(3, dtype=self.card.input_dtype)
 
     def run(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """One `session.run`; the labels of each item, cropped back to its (H, W)."""

@@ -55,7 +55,8 @@ def test_mixed_sizes_are_padded_to_the_divisor_and_cropped_back(engine, model_pa
     items = [engine.prepare(im) for im in images]
     batch = engine.stack(items)
     assert batch.shape == (3, 3, 48, 80)
-    assert np.all(batch[1, :, 10:, :] == 0) and np.all(batch[0, :, 45:, :] == 0)
+    assert np.all(batch[1, :, 10:, :20] == batch[1, :, 9:10, :20])  # its last row, repeated
+    assert np.all(batch[0, :, 45:, :] == batch[0, :, 44:45, :])
     same = engine.stack([items[0], items[2]])
     assert same.shape == (2, 3, 45, 67)  # one size: nothing padded
     labels = engine.run(batch, [engine.item_size(it) for it in items])
@@ -64,14 +65,19 @@ def test_mixed_sizes_are_padded_to_the_divisor_and_cropped_back(engine, model_pa
         assert (lab == reference(model_path, im)).mean() >= 0.99
 
 
-def test_a_uint8_model_takes_the_pixels_as_they_are_and_pads_with_the_mean_colour(
+def test_a_uint8_model_takes_the_pixels_as_they_are_and_batches_pad_by_repeating_the_edge(
     uint8_engine, engine, model_path
 ):
-    rgb = image(21, 30, 5)
+    rgb, small = image(21, 30, 5), image(5, 7, 6)
     assert uint8_engine.prepare(rgb) is rgb  # no host work at all
-    batch = uint8_engine.stack([rgb, image(5, 7, 6)])
+    batch = uint8_engine.stack([rgb, small])
     assert batch.shape == (2, 32, 32, 3) and batch.dtype == np.uint8
-    assert batch[1, 5:, :].reshape(-1, 3).tolist()[0] == [124, 116, 104]  # ImageNet mean
+    assert np.array_equal(batch[1, :5, :7], small)
+    assert (batch[1, 5:, :7] == small[4]).all()  # the last row, repeated downwards
+    assert (batch[1, :, 7:] == batch[1, :, 6:7]).all()  # the last column, rightwards
+    assert (batch[1, 31, 31] == small[4, 6]).all()  # the corner
+    chw = engine.stack([engine.prepare(rgb), engine.prepare(small)])  # float NCHW the same way
+    assert np.array_equal(chw[1, :, 5:, :7], np.broadcast_to(chw[1, :, 4:5, :7], (3, 27, 7)))
     labels = uint8_engine.run(batch, [(21, 30), (5, 7)])
     assert [lab.shape for lab in labels] == [(21, 30), (5, 7)]
     (alone,) = uint8_engine.segment([rgb])
