@@ -52,7 +52,7 @@ class Estimate:
         )
 
 
-def estimate(device: torch.device, steps: int = 4) -> Estimate:
+def estimate(device: torch.device, steps: int = 3) -> Estimate:
     """Minutes the recipe will take here, from `steps` timed training steps of its batch and
     crop and a few val-sized forward passes (after one of each unmeasured: first calls pick
     kernels). torch.compile is left out of the timing: the run itself is about 1.15x faster."""

@@ -440,7 +440,7 @@ def stack(tiny_repository, tmp_path_factory):
             tmp / "prometheus.log",
         )
         with server.client(headers={"Authorization": "Bearer key"}) as c:
-            end = time.monotonic() + 6
+            end = time.monotonic() + 3  # three scrapes: two samples for every rate()
             while time.monotonic() < end:  # traffic for the panels, good and bad
                 c.post(
                     "/segment", content=image_bytes(64, 80), headers={"Content-Type": "image/png"}

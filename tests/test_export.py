@@ -112,7 +112,8 @@ def test_versions_count_up_and_are_never_overwritten_without_force(unet_ckpt, tm
         export_checkpoint(
             unet_ckpt, tmp_path, "m", version=1, parity_shapes=FAST_SHAPES, log=lambda *_: None
         )
-    before = (tmp_path / "m" / "1" / "model.json").read_text()
+    stale = tmp_path / "m" / "1" / "stale.txt"  # --force replaces the whole version folder
+    stale.write_text("left by the first export")
     again = export_checkpoint(
         unet_ckpt,
         tmp_path,
@@ -122,7 +123,7 @@ def test_versions_count_up_and_are_never_overwritten_without_force(unet_ckpt, tm
         parity_shapes=FAST_SHAPES,
         log=lambda *_: None,
     )
-    assert again.path.exists() and (tmp_path / "m" / "1" / "model.json").read_text() != before
+    assert again.path.exists() and again.parity.passed and not stale.exists()
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]  # no temp folders left
 
 
@@ -296,3 +297,22 @@ def test_predict_writes_a_palette_png_of_the_inputs_exact_size(unet_export, tmp_
         )
         == 1
     )
+
+
+def test_batch_norm_is_folded_into_the_convs_and_computes_the_same(unet_export, unet_net):
+    import copy
+
+    net = copy.deepcopy(unet_net)
+    torch.manual_seed(0)
+    with torch.no_grad():  # statistics far from the fresh 0 / 1, so folding has work to do
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.normal_()
+    folded = onnx_export.fold_batch_norm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # folded a copy
+    x = torch.randn(2, 3, 37, 53)
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), net(x), atol=1e-4)
+    ops = {node.op_type for node in onnx.load(str(unet_export.path)).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops

@@ -87,8 +87,9 @@ def test_at_once_fcn8s_scales_its_skips_and_staged_ones_do_not():
     with torch.no_grad():
         nn.init.normal_(at_once.score_pool3.weight)
         nn.init.normal_(at_once.score_fr.weight)
-    staged = FCN(3, 8).eval()
-    staged.load_state_dict(at_once.state_dict())  # the same weights, only the scales differ
+    with torch.device("meta"):  # structure only: the weights are at_once's own tensors
+        staged = FCN(3, 8).eval()
+    staged.load_state_dict(at_once.state_dict(), assign=True)  # only the scales differ
     assert (at_once.pool4_scale, at_once.pool3_scale) == (0.01, 0.0001)
     assert (staged.pool4_scale, staged.pool3_scale) == (1.0, 1.0)
     x = torch.randn(1, 3, 48, 48)
@@ -102,12 +103,14 @@ def test_at_once_fcn8s_scales_its_skips_and_staged_ones_do_not():
 
 
 def test_at_once_is_recorded_and_rebuilt_from_the_checkpoint():
-    model, options = build_network(config("fcn8s", backbone_weights="none"), 3)
+    with torch.device("meta"):  # the structure and options, not 134 M initialised weights
+        model, options = build_network(config("fcn8s", backbone_weights="none"), 3)
+        _, options32 = build_network(config("fcn32s", backbone_weights="none"), 3)
     assert options == {"at_once": True} and model.at_once
     ckpt = {"architecture": "fcn8s", "num_classes": 3, "model_options": options,
             "state_dict": model.state_dict()}  # fmt: skip
-    assert model_from_checkpoint(ckpt).at_once
-    _, options32 = build_network(config("fcn32s", backbone_weights="none"), 3)
+    with torch.device("meta"):
+        assert model_from_checkpoint(ckpt).at_once
     assert options32 == {}
 
 
@@ -116,7 +119,8 @@ def test_an_fcn_without_backbone_weights_is_refused_unless_asked(synth_root, tmp
         train(TrainConfig(data=synth_root, out=tmp_path / "run", model="fcn32s", workers=0))
     assert "--backbone-weights none" in str(refusal.value)
     assert not (tmp_path / "run" / "last.pt").exists()
-    model, _ = build_network(config("fcn32s", backbone_weights="none"), 3)
+    with torch.device("meta"):
+        model, _ = build_network(config("fcn32s", backbone_weights="none"), 3)
     assert isinstance(model, FCN)
 
 
