@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,6 +222,8 @@ class Load:
     concurrency: int
     payload: bytes
     outcomes: list[Outcome] = field(default_factory=list)
+    # Request ids unique across the session: the replicas' logs outlive one Load.
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -229,7 +232,7 @@ class Load:
             sent = 0
             while not self._stop.is_set():
                 sent += 1
-                rid = f"c{number}-{sent}"
+                rid = f"{self.run}-c{number}-{sent}"
                 t0 = time.monotonic()
                 try:
                     r = client.post("/segment", content=self.payload,
