@@ -266,7 +266,7 @@ def export_checkpoint(
     version = next_version(repository, name) if version is None else int(version)
     card = model_card(ckpt, name, version, fp16, output == "labels", input == "uint8")
     dtype = torch.float16 if fp16 else torch.float32
-    exported = fold_batch_norm(net).half() if fp16 else fold_batch_norm(net)
+    exported = fold_batch_norm(net).to(dtype)
     segmenter = Segmenter(
         exported, card.mean, card.std, card.takes_uint8, card.output == "labels", dtype
     ).eval()
