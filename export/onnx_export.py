@@ -5,6 +5,8 @@ RGB pixels N x H x W x 3 in (normalised inside the graph) and uint8 labels N x H
 (argmax inside the graph). The server then does no float work at all, and on a GPU the
 bytes crossing the bus drop 4x in and about 4*C x out. `--output logits` keeps the scores;
 `--input float` keeps the older float N x 3 x H x W input, normalised by the caller.
+torch converts the network once; each variant is that graph with its ends added in ONNX
+(segserve.export.graph), `--fp16` included.
 
 Nothing is published to the repository until onnxruntime reproduces PyTorch on several
 odd sizes and a batch of two; a failing export leaves the repository as it was.
@@ -32,6 +34,7 @@ from segserve.contracts.repository import (
     write_version,
 )
 from segserve.errors import UserError
+from segserve.export import graph
 from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 OPSET = 18
@@ -67,30 +70,6 @@ def fold_batch_norm(net: nn.Module) -> nn.Module:
 
 class ParityError(UserError, RuntimeError):
     """onnxruntime's output differs from PyTorch's beyond the thresholds."""
-
-
-class Segmenter(nn.Module):
-    """What is exported: [uint8 pixels -> normalisation ->] the network -> logits or labels."""
-
-    def __init__(
-        self, net: nn.Module, mean, std, uint8_input: bool, labels: bool, dtype: torch.dtype
-    ) -> None:
-        super().__init__()
-        self.net, self.uint8_input, self.labels = net, uint8_input, labels
-        std_t = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add on the device.
-        self.register_buffer("scale", (1 / (255 * std_t)).to(dtype))
-        self.register_buffer("shift", (mean_t / std_t).to(dtype))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image
-        if self.uint8_input:
-            x = image.permute(0, 3, 1, 2).to(self.scale.dtype) * self.scale - self.shift
-        logits = self.net(x)
-        if self.labels:
-            return logits.argmax(1).to(torch.uint8)
-        return logits
 
 
 @dataclass
@@ -134,26 +113,33 @@ def model_card(
     )  # fmt: skip
 
 
-def write_onnx(segmenter: Segmenter, path: Path) -> None:
-    """Export with the dynamo exporter; N, H and W stay symbolic (no size baked in)."""
+def convert_network(net: nn.Module) -> onnx.ModelProto:
+    """The one torch -> ONNX conversion (the dynamo exporter) of a float32 network: float
+    N x 3 x H x W `image` in, `logits` out, with N, H and W symbolic (no size baked in).
+    Every variant is this graph with its ends added (segserve.export.graph)."""
     h, w = TRACE_SIZE
-    if segmenter.uint8_input:
-        example = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8)
-        dims = {0: "batch", 1: "height", 2: "width"}
-    else:
-        example = torch.randn(1, 3, h, w, dtype=segmenter.scale.dtype)
-        dims = {0: "batch", 2: "height", 3: "width"}
     program = torch.onnx.export(
-        segmenter,
-        (example,),
+        net,
+        (torch.randn(1, 3, h, w),),
         input_names=["image"],
-        output_names=["labels" if segmenter.labels else "logits"],
-        dynamic_shapes={"image": dims},
+        output_names=["logits"],
+        dynamic_shapes={"image": {0: "batch", 2: "height", 3: "width"}},
         opset_version=OPSET,
         dynamo=True,
         verbose=False,
     )
-    program.save(str(path))
+    return program.model_proto
+
+
+def variant_graph(network: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
+    """The converted network as the card describes it: float16 or not, uint8 pixels or
+    float in, labels or logits out."""
+    model = graph.to_float16(network) if card.precision == "float16" else network
+    if card.takes_uint8:
+        model = graph.with_pixel_input(model, card.mean, card.std)
+    if card.output == "labels":
+        model = graph.with_label_output(model)
+    return model
 
 
 def checked_model(path: Path, card: ModelCard) -> onnx.ModelProto:
@@ -265,17 +251,12 @@ def export_checkpoint(
     repository = Path(repository)
     version = next_version(repository, name) if version is None else int(version)
     card = model_card(ckpt, name, version, fp16, output == "labels", input == "uint8")
-    dtype = torch.float16 if fp16 else torch.float32
-    exported = fold_batch_norm(net).to(dtype)
-    segmenter = Segmenter(
-        exported, card.mean, card.std, card.takes_uint8, card.output == "labels", dtype
-    ).eval()
     with publishing(repository, name, version, force) as folder:
         raw = folder / "raw.onnx"
         log(
             f"exporting {ckpt['architecture']} ({ckpt['num_classes']} classes) to ONNX opset {OPSET} ..."
         )
-        write_onnx(segmenter, raw)
+        onnx.save(variant_graph(convert_network(fold_batch_norm(net)), card), str(raw))
         if optimize:
             optimized = folder / "optimized.onnx"
             optimize_offline(raw, optimized)

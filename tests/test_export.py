@@ -128,19 +128,18 @@ def test_versions_count_up_and_are_never_overwritten_without_force(unet_ckpt, tm
 
 
 def test_a_model_whose_parity_fails_is_refused(unet_ckpt, tmp_path, monkeypatch, capsys):
-    real_write = onnx_export.write_onnx
+    real_convert = onnx_export.convert_network
 
-    def broken_write(segmenter, path):
+    def broken_convert(net):
         # A broken export: the graph's weights no longer match the PyTorch net.
-        real_write(segmenter, path)
-        model = onnx.load(str(path))
+        model = real_convert(net)
         for init in model.graph.initializer:
             if len(init.dims) == 4:
                 w = onnx.numpy_helper.to_array(init) * 1.5
                 init.CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), init.name))
-        onnx.save(model, str(path))
+        return model
 
-    monkeypatch.setattr(onnx_export, "write_onnx", broken_write)
+    monkeypatch.setattr(onnx_export, "convert_network", broken_convert)
     code = main(
         ["export", "--checkpoint", str(unet_ckpt), "--repository", str(tmp_path), "--name", "bad"]
     )
