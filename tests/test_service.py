@@ -487,14 +487,16 @@ def test_liveness_answers_while_the_engine_is_busy_and_requests_queue(tiny_repos
     """/healthz never waits for a model: with a run held and requests queued behind it,
     it answers (the engine runs in a thread of its own, never on the event loop)."""
     with in_process(tiny_repository) as app, held_engine(app) as held:
-        queued = [
-            post_later(app, "/segment", content=image_bytes(32, 32, seed=i), headers=PNG)
-            for i in range(3)
-        ]
-        assert held.running.wait(30)
         batcher = app.service.models.get("tiny").batcher
-        wait_for(lambda: batcher.depth >= 1, what="requests queued behind the held run")
+        # One request first, held in its run; the others sent after it cannot join that run.
+        sent = [post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)]
+        assert held.running.wait(30)
+        sent += [
+            post_later(app, "/segment", content=image_bytes(32, 32, seed=i), headers=PNG)
+            for i in (1, 2)
+        ]
+        wait_for(lambda: batcher.depth >= 2, what="requests queued behind the held run")
         assert app.get("/healthz").status_code == 200
-        assert not any(f.done() for f in queued)  # they were still waiting meanwhile
+        assert not any(f.done() for f in sent)  # they were still waiting meanwhile
         held.gate.set()
-        assert [f.result(60).status_code for f in queued] == [200] * 3
+        assert [f.result(60).status_code for f in sent] == [200] * 3
