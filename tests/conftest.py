@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,40 +25,73 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def png_bomb(tmp_path_factory) -> bytes:
-    """A real 30000 x 30000 1-bit PNG (well under 1 MB), made once per session."""
+    """A real 20000 x 20000 1-bit PNG (well under 1 MB, 400 MP: ten times the default limit
+    and over Pillow's own bomb threshold), made once per session."""
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("1", (30000, 30000)).save(buf, format="PNG")
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")
     return buf.getvalue()
 
 
+CONVERSIONS = pytest.StashKey[tuple[Path, "subprocess.Popen | None"]]()
+
+
+def pytest_configure(config):
+    """A whole-suite run converts the tests' tiny U-Net to ONNX in a process of its own from
+    the start, while tests are collected and the first ones run: the exporter needs about 15 s
+    of one core for it (its first use in a process), and the suite leaves the second of two
+    cores mostly idle. Runs of single files convert in-process when they need it."""
+    cache = Path(tempfile.mkdtemp(prefix="segserve-conversions-"))
+    warm = None
+    whole_suite = all(Path(arg).is_dir() for arg in config.args)
+    if whole_suite and not config.option.collectonly:
+        warm = subprocess.Popen(
+            [sys.executable, "-c", "import sys, helpers; helpers.convert_the_tiny_unet(sys.argv[1])",
+             str(cache)],
+            cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=(cache / "warm.log").open("w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    config.stash[CONVERSIONS] = (cache, warm)
+
+
+def pytest_unconfigure(config):
+    cache, warm = config.stash.get(CONVERSIONS, (None, None))
+    if warm is not None and warm.poll() is None:
+        warm.kill()
+        warm.wait()
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def onnx_conversions_once():
+def onnx_conversions_once(pytestconfig):
     """The torch -> ONNX conversion of a network (the dynamo exporter: 10-20 s on two cores)
     once per network and weights in a session. Every variant of a checkpoint (pixels or float
     in, labels or logits out, float16) is built from that one conversion by export itself;
     tests that export the same weights again (a new version, --force, the tiny repository
     beside test_export's own) get a copy of the first conversion, and everything export does
-    after it (the ends of the graph, the parity gate, the card, publishing) runs every time."""
-    import hashlib
-
+    after it (the ends of the graph, the parity gate, the card, publishing) runs every time.
+    A conversion is the exporter's own output, made in this process or by the warm-up one."""
     import onnx
 
+    from helpers import conversion_key
     from segserve.export import onnx_export
 
-    real, converted = onnx_export.convert_network, {}
+    real = onnx_export.convert_network
+    cache, warm = pytestconfig.stash[CONVERSIONS]
 
     def convert_network(net):
-        digest = hashlib.sha256(type(net).__name__.encode())
-        for name, tensor in net.state_dict().items():
-            digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
-        key = digest.hexdigest()
-        if key not in converted:
-            converted[key] = real(net).SerializeToString()
-        return onnx.load_from_string(converted[key])
+        path = cache / f"{conversion_key(net)}.onnx"
+        if not path.exists() and warm is not None and warm.poll() is None:
+            warm.wait(600)  # it may be converting this very network
+        if not path.exists():
+            partial = path.with_suffix(".partial")
+            partial.write_bytes(real(net).SerializeToString())
+            partial.replace(path)
+        return onnx.load(str(path))
 
     patch = pytest.MonkeyPatch()
     patch.setattr(onnx_export, "convert_network", convert_network)
