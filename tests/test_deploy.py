@@ -440,7 +440,7 @@ def stack(tiny_repository, tmp_path_factory):
             tmp / "prometheus.log",
         )
         with server.client(headers={"Authorization": "Bearer key"}) as c:
-            end = time.monotonic() + 3  # three scrapes: two samples for every rate()
+            end = time.monotonic() + 2  # two scrapes of traffic: two samples for every rate()
             while time.monotonic() < end:  # traffic for the panels, good and bad
                 c.post(
                     "/segment", content=image_bytes(64, 80), headers={"Content-Type": "image/png"}
@@ -474,7 +474,7 @@ def wait_for(condition, seconds: float, log: Path) -> None:
         except (httpx.HTTPError, ValueError, KeyError, IndexError):
             pass
         assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def query(api: str, expr: str) -> dict:

@@ -72,7 +72,7 @@ def inflight(url: str) -> float:
 
 
 def test_sigterm_drains_queued_requests_then_exits(tiny_repository, tmp_path):
-    payloads = [image_bytes(768, 768, seed=i) for i in range(8)]
+    payloads = [image_bytes(512, 512, seed=i) for i in range(8)]
     results: list = [None] * len(payloads)
     with run_server(tiny_repository, tmp_path, max_batch_size=1) as server:
 
@@ -114,7 +114,7 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_repository, tmp_path):
 def test_sigterm_first_drains_unready_while_serving_then_stops_listening(tiny_repository, tmp_path):
     """With a drain, SIGTERM turns /readyz to 503 at once while /segment still answers, each
     answer closing its connection; SIGINT would skip it. Then the process exits."""
-    with run_server(tiny_repository, tmp_path, shutdown_drain_s=3) as server:
+    with run_server(tiny_repository, tmp_path, shutdown_drain_s=1.5) as server:
         with httpx.Client(base_url=server.url, timeout=30) as c:
             before = c.post(
                 "/segment", content=image_bytes(32, 32), headers={"Content-Type": "image/png"}
@@ -133,7 +133,7 @@ def test_sigterm_first_drains_unready_while_serving_then_stops_listening(tiny_re
             assert during.status_code == 200 and during.headers["connection"] == "close"
             assert c.get("/healthz").status_code == 200  # alive: only unready
         assert server.proc.wait(30) in (0, -signal.SIGTERM)
-    assert "SIGTERM: unready, serving for 3.0 s more" in server.log_text()
+    assert "SIGTERM: unready, serving for 1.5 s more" in server.log_text()
 
 
 def test_the_first_sigterm_drains_and_sigint_or_a_second_signal_do_not():
