@@ -2,8 +2,8 @@
 against a real server on loopback (`make tools` installs chromium and its driver).
 
 With SEGSERVE_SCREENSHOTS=DIR the tests save what the browser showed (docs/images holds the
-ones the README shows: `make screenshots`, against the default model). With
-SEGSERVE_BROWSER_REPOSITORY=R they run against that repository instead of the tiny one."""
+ones the README shows: `make screenshots`). They run against the default model that ships
+with the project, as `make run` serves it; with SEGSERVE_BROWSER_REPOSITORY=R, against R."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from helpers import image_bytes, run_server
+from segserve.default_model import install
 
 KEY = "page-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -32,8 +33,11 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repository, tmp_path_factory):
-    repository = Path(os.environ.get("SEGSERVE_BROWSER_REPOSITORY", tiny_repository))
+def server(tmp_path_factory):
+    repository = os.environ.get("SEGSERVE_BROWSER_REPOSITORY")
+    if repository is None:
+        repository = tmp_path_factory.mktemp("shipped")
+        install(repository)
     with run_server(repository, tmp_path_factory.mktemp("page"), api_key=KEY) as s:
         yield s
 
