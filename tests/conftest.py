@@ -57,6 +57,17 @@ def pytest_configure(config):
     config.stash[CONVERSIONS] = (cache, warm)
 
 
+def pytest_collection_finish(session):
+    """Stops the warm-up when no selected test exports the tiny U-Net (e.g. `-m slow`)."""
+    _, warm = session.config.stash[CONVERSIONS]
+    uses = {"tiny_repository", "unet_ckpt"}  # the fixtures that export it
+    if warm is not None and not any(
+        uses & set(getattr(i, "fixturenames", ())) for i in session.items
+    ):
+        warm.kill()
+        warm.wait()
+
+
 def pytest_unconfigure(config):
     cache, warm = config.stash.get(CONVERSIONS, (None, None))
     if warm is not None and warm.poll() is None:
