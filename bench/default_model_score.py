@@ -17,32 +17,18 @@ import numpy as np
 from PIL import Image
 
 from segserve.service.engine import Engine
-from segserve.training.metrics import ConfusionMatrix, border_background_errors, segmentation_scores
-from segserve.training.synth import DEFAULT_MODEL_SET, SYNTH_CLASSES, SynthConfig, render_sample
+from segserve.training.synth import DEFAULT_MODEL_SET, SynthConfig
+from segserve.training.synth_score import score_segmenter
 
 
 def score(model: Path, count: int, seed: int, sizes: dict) -> dict:
     engine = Engine.load(model, "cpu", 2)
-    config = SynthConfig(count=count, seed=seed, **sizes)
-    cm = ConfusionMatrix(len(SYNTH_CLASSES))
-    wrong = background = 0
-    for i in range(count):
-        image, truth = render_sample(config, i)
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=92)
-        rgb = np.asarray(Image.open(buffer).convert("RGB"))
-        (pred,) = engine.segment([rgb])
-        target = np.asarray(truth)
-        cm.update(pred, target)
-        w, b = border_background_errors(pred, target)
-        wrong, background = wrong + w, background + b
-    scores = segmentation_scores(cm.matrix)
-    return {
-        "images": count, "seed": seed, **{k: scores[k] for k in
-        ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")},
-        "per_class_iu": dict(zip(SYNTH_CLASSES, scores["per_class_iu"], strict=True)),
-        "border_background_wrong": wrong / max(background, 1),
-    }  # fmt: skip
+
+    def segment(jpeg: bytes) -> np.ndarray:
+        (labels,) = engine.segment([np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))])
+        return labels
+
+    return score_segmenter(segment, SynthConfig(count=count, seed=seed, **sizes))
 
 
 def main() -> None:
