@@ -37,6 +37,7 @@ IGNORE = 255
 # VOC's border band is about 5 px wide on 500-px images; these are 160..512 px, and a 5-px
 # band left thin rings and bars with almost no labelled pixel (their IU could not rise).
 IGNORE_BAND = 3  # px
+JPEG_QUALITY = 92  # the images are stored as JPEG, as VOC's are
 MIN_CONTRAST = 120.0
 # An object's mean colour is at least this far (RGB distance) from the mean colour of what
 # it covers. Without it about one object in twenty (solid discs most) had nearly the colour
@@ -261,7 +262,7 @@ def write_dataset(out: Path, config: SynthConfig, progress: bool = True) -> dict
     for i in tqdm(range(config.count), desc="synth", unit="img", disable=not progress):
         image, target = render_sample(config, i)
         name = f"synth_{i:06d}"
-        image.save(out / "JPEGImages" / f"{name}.jpg", quality=92)
+        image.save(out / "JPEGImages" / f"{name}.jpg", quality=JPEG_QUALITY)
         target.save(out / "SegmentationClass" / f"{name}.png")
         pixels += np.bincount(np.asarray(target).ravel(), minlength=256)
         split = "val" if val_every and i % val_every == val_every - 1 else "train"

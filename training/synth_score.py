@@ -17,9 +17,7 @@ from segserve.training.metrics import (
     border_background_errors,
     segmentation_scores,
 )
-from segserve.training.synth import SYNTH_CLASSES, SynthConfig, render_sample
-
-JPEG_QUALITY = 92  # what the synthetic data sets are written with
+from segserve.training.synth import JPEG_QUALITY, SYNTH_CLASSES, SynthConfig, render_sample
 
 
 def score_segmenter(segment: Callable[[bytes], np.ndarray], config: SynthConfig) -> dict:
