@@ -88,20 +88,18 @@ def onnx_conversions_once(pytestconfig):
     A conversion is the exporter's own output, made in this process or by the warm-up one."""
     import onnx
 
-    from helpers import conversion_key
+    from helpers import conversion_path, convert_into
     from segserve.export import onnx_export
 
     real = onnx_export.convert_network
     cache, warm = pytestconfig.stash[CONVERSIONS]
 
     def convert_network(net):
-        path = cache / f"{conversion_key(net)}.onnx"
+        path = conversion_path(cache, net)
         if not path.exists() and warm is not None and warm.poll() is None:
             warm.wait(600)  # it may be converting this very network
         if not path.exists():
-            partial = path.with_suffix(".partial")
-            partial.write_bytes(real(net).SerializeToString())
-            partial.replace(path)
+            convert_into(path, net, real)
         return onnx.load(str(path))
 
     patch = pytest.MonkeyPatch()

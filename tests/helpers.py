@@ -40,20 +40,28 @@ def make_checkpoint(path, architecture="unet", num_classes=4, **opts):
     return path
 
 
-def conversion_key(net) -> str:
-    """Names a network's torch -> ONNX conversion by its class and weights."""
+def conversion_path(cache: Path, net) -> Path:
+    """Where in CACHE a network's torch -> ONNX conversion goes: named by class and weights."""
     import hashlib
 
     digest = hashlib.sha256(type(net).__name__.encode())
     for name, tensor in net.state_dict().items():
         digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return cache / f"{digest.hexdigest()}.onnx"
+
+
+def convert_into(path: Path, net, convert) -> None:
+    """`convert(net)` (export's `convert_network`) saved at PATH whole or not at all: another
+    process may read it at any moment."""
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(convert(net).SerializeToString())
+    partial.replace(path)
 
 
 def convert_the_tiny_unet(cache: str | Path) -> None:
     """Converts the network every tiny test checkpoint holds (`make_checkpoint(width=8,
-    batch_norm=True)`, folded as export folds it) into CACHE/<conversion_key>.onnx. Run as
-    a process of its own at the start of a whole-suite run (tests/conftest.py)."""
+    batch_norm=True)`, folded as export folds it) into CACHE. Run as a process of its own at
+    the start of a whole-suite run (tests/conftest.py)."""
     import tempfile
 
     from segserve.export.onnx_export import convert_network, fold_batch_norm
@@ -62,10 +70,7 @@ def convert_the_tiny_unet(cache: str | Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "tiny.pt", width=8, batch_norm=True)
         net = fold_batch_norm(model_from_checkpoint(load_checkpoint(ckpt)).eval())
-    path = Path(cache) / f"{conversion_key(net)}.onnx"
-    partial = path.with_suffix(".partial")
-    partial.write_bytes(convert_network(net).SerializeToString())
-    partial.replace(path)  # whole or absent: the suite may read it at any moment
+    convert_into(conversion_path(Path(cache), net), net, convert_network)
 
 
 def wait_for(condition, timeout: float = 30.0, what: str = "the condition") -> None:
