@@ -36,7 +36,7 @@ def measure(model: Path, setting: str, seconds: float, large: bool, shrink_pixel
     Runs in a thread of its own, as the service's batcher does (glibc gives threads their
     own heaps, which matters to what `malloc` maps afresh)."""
     from bench.compare import peak_rss_mb
-    from segserve.service.engine import Engine
+    from segserve.service.runtime.engine import Engine
 
     options = dict(SETTINGS[setting])
     if "arena_shrink_pixels" not in options and options["cpu_arena"]:

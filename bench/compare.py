@@ -27,8 +27,8 @@ import numpy as np
 
 from segserve import loadgen
 from segserve.contracts.repository import walk
-from segserve.service.engine import Engine
-from segserve.service.imaging import decode_image
+from segserve.service.media.imaging import decode_image
+from segserve.service.runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 

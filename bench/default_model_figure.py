@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from segserve.service.engine import Engine
+from segserve.service.runtime.engine import Engine
 from segserve.training.checkpoint import load_checkpoint
 from segserve.training.datasets import VOCSegmentation
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segserve.service.engine import Engine
+from segserve.service.runtime.engine import Engine
 from segserve.training.synth import DEFAULT_MODEL_SET, SynthConfig
 from segserve.training.synth_score import score_segmenter
 

@@ -87,7 +87,7 @@ def bare_ms(model: Path, image: bytes, uint8: bool, seconds: float = 3.0) -> flo
     """p50 ms of the bare session.run on one decoded image, as the served graph takes it."""
     import onnxruntime as ort
 
-    from segserve.service.imaging import decode_image
+    from segserve.service.media.imaging import decode_image
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     rgb = decode_image(image, 10**9)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from segserve.contracts.repository import walk
-from segserve.service.engine import Engine
-from segserve.service.imaging import decode_image
+from segserve.service.media.imaging import decode_image
+from segserve.service.runtime.engine import Engine
 
 
 def main() -> None:

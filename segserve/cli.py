@@ -236,9 +236,9 @@ def add_eval(sub: Subcommands) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from segserve.training.evaluate import run_eval as evaluate
+    from segserve.training.evaluate import evaluate_checkpoint
 
-    evaluate(args.data, args.checkpoint, args.split, args.device, args.json)
+    evaluate_checkpoint(args.data, args.checkpoint, args.split, args.device, args.json)
     return 0
 
 
@@ -374,9 +374,9 @@ def add_serve(sub: Subcommands) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Settings also come from SEGSERVE_* environment variables (see README)."""
-    from segserve.service import logs
     from segserve.service.server import serve
     from segserve.service.settings import Settings
+    from segserve.service.telemetry import logs
 
     overrides = {"repository": args.repository} if args.repository is not None else {}
     settings = Settings(**overrides)

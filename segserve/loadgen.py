@@ -26,7 +26,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from segserve.service.metrics import Stage
+from segserve.errors import UserError
+from segserve.service.telemetry.clock import Stage
+
+
+class LoadError(UserError, ValueError):
+    """A load test that cannot run as asked (no images, no model for v2, no matplotlib)."""
 
 PROTOCOLS = ("segment", "v2")
 
@@ -196,7 +201,7 @@ def folder_images(folder: Path, limit: int = 64) -> list[Payload]:
              ".webp": "image/webp", ".bmp": "image/bmp"}  # fmt: skip
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in types)[:limit]
     if not files:
-        raise SystemExit(f"no images in {folder}")
+        raise LoadError(f"no images in {folder}")
     payloads = []
     for p in files:
         with Image.open(p) as im:
@@ -237,7 +242,7 @@ class Target:
         for im in images:
             if self.protocol == "v2":
                 if not self.model:
-                    raise SystemExit("--protocol v2 needs --model NAME")
+                    raise LoadError("--protocol v2 needs --model NAME")
                 body, headers = v2_body(im.pixels())
                 out.append(
                     (f"/v2/models/{self.model}/infer", body, {**headers, **auth}, im.shape_label)
@@ -374,7 +379,7 @@ def plot(results: list[RunStats], path: Path, title: str = "segserve") -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install 'segserve[bench]'") from exc
+        raise LoadError("--plot needs matplotlib: pip install 'segserve[bench]'") from exc
     conc = [r.concurrency for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("p50_ms", "p95_ms", "p99_ms"):

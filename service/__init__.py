@@ -1,0 +1,12 @@
+"""The service, in layers that import one way only (tests/test_layers.py checks it):
+
+    app, server, predict                 the entry points
+    web/, protocols/                     front ends: HTTP (FastAPI), the Open Inference Protocol
+    pipeline, limits                     a request's steps and what it may hold
+    runtime/, media/, batching/,         engines and the served versions; pixels in and out;
+    settings                             continuous batching (generic: imports nothing here);
+                                         the one settings class
+    errors, telemetry/                   the one error, the request clock, metrics, logs
+
+No torch anywhere below: the GPU image carries none.
+"""

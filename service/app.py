@@ -1,4 +1,4 @@
-"""The FastAPI app: the inference service behind /segment, /models, health, /metrics and v2.
+"""The FastAPI app: the request pipeline behind /segment, /models, health, /metrics and v2.
 
 The app holds one `InferenceService` (app.state.service) for its lifespan; the routes are
 module-level routers that reach it through FastAPI dependencies.
@@ -11,11 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from segserve import __version__
-from segserve.service.core import InferenceService
-from segserve.service.errors import install_error_handlers
-from segserve.service.middleware import RequestMiddleware
-from segserve.service.routes import docs, health, models, page, segment, v2
+from segserve.service.pipeline import InferenceService
 from segserve.service.settings import Settings
+from segserve.service.web.handlers import install_error_handlers
+from segserve.service.web.middleware import RequestMiddleware
+from segserve.service.web.routes import catalog, docs, health, page, segment, v2
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -23,10 +23,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await service.models.start()
+        await service.registry.start()
         yield
         # After uvicorn stopped accepting and open requests finished: drain the queues.
-        await service.models.stop()
+        await service.registry.stop()
 
     app = FastAPI(
         title="segserve",
@@ -40,9 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.add_middleware(
         RequestMiddleware, metrics=service.metrics, timeout_s=service.settings.request_timeout_s,
-        closing=lambda: service.models.draining,
+        closing=lambda: service.registry.draining,
     )  # fmt: skip
     install_error_handlers(app)
-    for module in (segment, models, health, v2, docs, page):
+    for module in (segment, catalog, health, v2, docs, page):
         app.include_router(module.router)
     return app

@@ -1,21 +1,34 @@
-"""Every error leaves as JSON {"error": CODE, "detail": TEXT, "request_id": ID}.
+"""The one way a refusal leaves the service: a `ServiceError` with its status, a short code,
+a sentence for a person and, when it refuses a request, the reason it is counted under in
+`segserve_rejected_total`; on the wire, one JSON body `{"error": CODE, "detail": TEXT,
+"request_id": ID}` (`error_body`), whichever front end or layer wrote it.
 
-A `ServiceError` carries its HTTP status and, when it refuses a request, the reason it is
-counted under in `segserve_rejected_total`: the handler counts it, once, wherever it was
-raised (/segment, v2, auth).
+Pure: no web framework here. The HTTP handlers (web/handlers.py) and the gRPC front end map
+it onto their own status codes.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+import json
 
-CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-         408: "request_timeout", 413: "too_large", 415: "unsupported_media_type",
-         422: "invalid_parameters", 431: "headers_too_large", 499: "client_closed",
-         500: "internal_error", 503: "unavailable", 504: "deadline_exceeded"}  # fmt: skip
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_parameters",
+    431: "headers_too_large",
+    499: "client_closed",
+    500: "internal_error",
+    503: "unavailable",
+    504: "deadline_exceeded",
+}
+# A 503 for the service or a model not being ready (starting, warming, draining): /readyz,
+# v2 readiness and a request that reaches a model still warming say it with this code.
+NOT_READY = "not_ready"
 
 
 class ServiceError(Exception):
@@ -36,46 +49,13 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-def error_body(code: str, detail: str, request_id: str | None) -> dict:
+def error_body(code: str, detail: str, request_id: str | None = None) -> dict:
     body = {"error": code, "detail": detail}
     if request_id:
         body["request_id"] = request_id
     return body
 
 
-def request_id_of(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
-
-
-def error_response(
-    request: Request, status: int, code: str, detail: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        error_body(code, detail, request_id_of(request)), status_code=status, headers=headers
-    )
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        if exc.reason is not None:
-            request.app.state.service.metrics.rejected.labels(exc.reason).inc()
-        return error_response(request, exc.status, exc.code, exc.detail, exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            request,
-            exc.status_code,
-            CODES.get(exc.status_code, "error"),
-            str(exc.detail),
-            getattr(exc, "headers", None),
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [
-            "{}: {}".format(".".join(str(x) for x in e.get("loc", ())), e.get("msg", ""))
-            for e in exc.errors()
-        ]
-        return error_response(request, 422, "invalid_parameters", "; ".join(parts))
+def error_json(code: str, detail: str, request_id: str | None = None) -> bytes:
+    """`error_body` as the bytes an answer carries."""
+    return json.dumps(error_body(code, detail, request_id)).encode()

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segserve.service.engine import Engine
-from segserve.service.imaging import decode_opened, open_image, resize_rgb
-from segserve.service.metrics import Timings
-from segserve.service.render import RenderSpec, class_summary, render, resize_labels
+from segserve.service.media.imaging import decode_opened, open_image, resize_rgb
+from segserve.service.media.render import RenderSpec, class_summary, render, resize_labels
+from segserve.service.runtime.engine import Engine
 from segserve.service.settings import Settings
+from segserve.service.telemetry.clock import Timings
 
 
 def predict_files(

@@ -20,8 +20,8 @@ from types import FrameType
 import uvicorn
 
 from segserve.service.app import create_app
-from segserve.service.http_protocol import guarded_protocol
 from segserve.service.settings import Settings
+from segserve.service.web.protocol import guarded_protocol
 
 log = logging.getLogger("segserve")
 
@@ -56,4 +56,4 @@ def serve(settings: Settings, host: str, port: int) -> None:
         # to their deadline; then the app's shutdown drains the batchers.
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
     )  # fmt: skip
-    DrainingServer(config, app.state.service.models.drain, settings.shutdown_drain_s).run()
+    DrainingServer(config, app.state.service.registry.drain, settings.shutdown_drain_s).run()

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from segserve.service.imaging import DEFAULT_FORMATS
+from segserve.service.media.imaging import DEFAULT_FORMATS
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

@@ -8,15 +8,14 @@ import threading
 import numpy as np
 import pytest
 
-from segserve.service.batcher import (
+from segserve.service.batching.batcher import (
     Batcher,
     DeadlineExceeded,
     Overloaded,
     QueueFull,
     ShuttingDown,
 )
-from segserve.service.metrics import Stage, Timings
-from segserve.service.planning import CostModel, Limits
+from segserve.service.batching.planning import BatchLimits, CostModel
 
 
 class FakeClock:
@@ -64,7 +63,7 @@ def image(h, w, seed=0):
 
 
 def make(model, clock=None, cost=None, **kw) -> Batcher:
-    limits = Limits(kw.pop("max_batch_size", 8), kw.pop("max_batch_pixels", 10**9), 16)
+    limits = BatchLimits(kw.pop("max_batch_size", 8), kw.pop("max_batch_pixels", 10**9), 16)
     extra = {"clock": clock} if clock is not None else {}
     return Batcher(
         model.stack, model.run_batch, limits, cost or CostModel(1e-9, 1e-4), **extra, **kw
@@ -82,9 +81,10 @@ async def wait_until(event: threading.Event) -> None:
 def test_a_lone_request_runs_at_once_without_any_window():
     clock = FakeClock()  # frozen: any wait on the batcher's clock would show as queue time
     model = Model()
+    runs = []
 
     async def main():
-        b = make(model, clock)
+        b = make(model, clock, on_batch=runs.append)
         b.start()
         (job,) = submit(b, [image(32, 48)])
         labels = await job.future
@@ -92,7 +92,7 @@ def test_a_lone_request_runs_at_once_without_any_window():
         return job, labels
 
     job, labels = asyncio.run(main())
-    assert job.timings.seconds[Stage.QUEUE] == 0.0 and model.batches == [[(32, 48)]]
+    assert runs[0].started - job.enqueued == 0.0 and model.batches == [[(32, 48)]]
     assert np.array_equal(labels, image(32, 48)[..., 0] > 127)
 
 
@@ -270,30 +270,33 @@ def test_an_engine_that_returns_too_few_results_fails_the_batch_at_once():
     asyncio.run(main())
 
 
-def test_each_request_gets_its_stages_once_per_batch():
-    """Two images of one request in one batch: stacking and inference are counted once for
-    the request (not once per image); queue is the longest wait of its images."""
+def test_a_run_reports_its_jobs_waits_and_each_submitters_context_once():
+    """Two images of one submitter in one batch: the hook hears of one run serving one
+    context (not one per image), and of each job's wait behind the blocker."""
     clock = FakeClock()
     model = Model(gated=True)
+    runs = []
 
     async def main():
-        b = make(model, clock)
+        b = make(model, clock, on_batch=runs.append)
         b.start()
         (blocker,) = submit(b, [image(8, 8)])
         await wait_until(model.running)
-        timings = Timings()
-        jobs = b.submit([(image(32, 32), (32, 32)), (image(32, 32, 1), (32, 32))], 1e12, timings)
+        context = object()
+        jobs = b.submit([(image(32, 32), (32, 32)), (image(32, 32, 1), (32, 32))], 1e12, context)
         clock.now += 2.0  # both wait two seconds behind the blocker
         model.gate.set()
         await asyncio.gather(blocker.future, *(j.future for j in jobs))
         await b.stop()
-        return timings
+        return context, jobs
 
-    timings = asyncio.run(main())
+    context, jobs = asyncio.run(main())
     assert model.batches[1] == [(32, 32), (32, 32)]
-    assert timings.seconds[Stage.QUEUE] == 2.0
-    assert set(timings.seconds) == {Stage.PREPROCESS, Stage.QUEUE, Stage.INFERENCE}
-    assert timings.seconds[Stage.INFERENCE] == 0.0  # the frozen clock: one run, added once
+    second = runs[1]
+    assert second.jobs == jobs and second.contexts() == [context]
+    assert [second.started - j.enqueued for j in jobs] == [2.0, 2.0]
+    assert second.run_s == 0.0 and not second.failed  # the frozen clock: no time passed
+    assert (second.pixels, second.padding) == (2 * 32 * 32, 0)
 
 
 def test_saturation_says_what_waits_what_runs_and_how_much_padding_ran():
@@ -302,7 +305,7 @@ def test_saturation_says_what_waits_what_runs_and_how_much_padding_ran():
     batches = []
 
     async def main():
-        b = make(model, clock, on_batch=lambda *run: batches.append(run))
+        b = make(model, clock, on_batch=batches.append)
         b.start()
         idle = b.saturation()
         (running,) = submit(b, [image(32, 32)])
@@ -322,4 +325,6 @@ def test_saturation_says_what_waits_what_runs_and_how_much_padding_ran():
     assert busy.predicted_wait_s > 0 and busy.batch_capacity_pixels == 10**9
     assert (after.queued_images, after.running_pixels) == (0, 0)
     # The second run merged 20x30 with 32x48 (cheap pixels, dear runs): both padded to 32x48.
-    assert batches[1][:3] == (2, 2 * 32 * 48, 2 * 32 * 48 - (20 * 30 + 32 * 48))
+    merged = batches[1]
+    assert (len(merged.jobs), merged.pixels) == (2, 2 * 32 * 48)
+    assert merged.padding == 2 * 32 * 48 - (20 * 30 + 32 * 48)

@@ -7,8 +7,8 @@ import time
 import pytest
 from starlette.requests import Request
 
-from segserve.service.body import image_bytes, media_type, read_capped, wait_for_disconnect
 from segserve.service.errors import ServiceError
+from segserve.service.web.body import image_bytes, media_type, read_capped, wait_for_disconnect
 
 BOUNDARY = "b0undary"
 

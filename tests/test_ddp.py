@@ -18,7 +18,7 @@ import pytest
 from helpers import free_port
 from segserve.training.checkpoint import load_checkpoint
 from segserve.training.datasets import VOCSegmentation
-from segserve.training.evaluate import run_eval
+from segserve.training.evaluate import evaluate_checkpoint
 
 
 def run_two_workers(launcher: str, train_args: list[str], log_dir: Path) -> None:
@@ -79,6 +79,6 @@ def test_two_processes_train_one_model_and_score_every_val_image_once(
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt"]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
 
-    alone = run_eval(data, out / "best.pt", "val", "cpu", as_json=True)
+    alone = evaluate_checkpoint(data, out / "best.pt", "val", "cpu", as_json=True)
     assert alone["mean_iu"] == pytest.approx(ckpt["metrics"]["mean_iu"], rel=1e-9)
     assert alone["pixel_accuracy"] == pytest.approx(ckpt["metrics"]["pixel_accuracy"], rel=1e-9)

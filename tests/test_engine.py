@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from segserve.contracts.repository import walk
-from segserve.service.engine import Engine, ProviderUnavailable, choose_providers
+from segserve.service.runtime.engine import Engine, ProviderUnavailable, choose_providers
 
 
 @pytest.fixture(scope="module")

@@ -1,70 +1,21 @@
-"""Every error leaves as JSON {"error", "detail", "request_id"}, on a bare app: our own
-ServiceError (counted under its rejection reason), Starlette's HTTP errors, and FastAPI's
-parameter validation."""
+"""The one error: a status, a short code, a sentence; one JSON body whoever writes it."""
 
-import asyncio
+import json
 
-import httpx
-from fastapi import FastAPI
-from prometheus_client import generate_latest
-
-from segserve.service.errors import CODES, ServiceError, error_body, install_error_handlers
-from segserve.service.metrics import ServiceMetrics
-
-
-def app_with_errors() -> tuple[FastAPI, ServiceMetrics]:
-    app = FastAPI()
-    metrics = ServiceMetrics()
-
-    class State:  # what the handlers reach: app.state.service.metrics
-        pass
-
-    app.state.service = State()
-    app.state.service.metrics = metrics
-    install_error_handlers(app)
-
-    @app.get("/refuse")
-    async def refuse() -> None:
-        raise ServiceError(503, "busy", reason="queue_full", headers={"Retry-After": "2"})
-
-    @app.get("/typed/{n}")
-    async def typed(n: int) -> dict:
-        return {"n": n}
-
-    return app, metrics
-
-
-def get(app, path: str) -> httpx.Response:
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            return await client.get(path)
-
-    return asyncio.run(main())
-
-
-def test_a_service_error_is_json_with_its_headers_and_counts_its_reason():
-    app, metrics = app_with_errors()
-    r = get(app, "/refuse")
-    assert r.status_code == 503 and r.headers["retry-after"] == "2"
-    assert r.json() == {"error": "unavailable", "detail": "busy"}
-    text = generate_latest(metrics.registry).decode()
-    assert 'segserve_rejected_total{reason="queue_full"} 1.0' in text
-
-
-def test_unknown_routes_and_bad_parameters_are_json_too():
-    app, _ = app_with_errors()
-    missing = get(app, "/nowhere")
-    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
-    bad = get(app, "/typed/seven")
-    assert bad.status_code == 422 and bad.json()["error"] == "invalid_parameters"
-    assert "path.n" in bad.json()["detail"]
+from segserve.service.errors import CODES, NOT_READY, ServiceError, error_body, error_json
 
 
 def test_error_codes_are_short_names_and_bodies_carry_the_request_id():
     assert CODES[413] == "too_large" and CODES[504] == "deadline_exceeded"
     assert ServiceError(418, "teapot").code == "error"  # a status without a name of its own
     assert error_body("bad_request", "no", "id-1") == {
-        "error": "bad_request", "detail": "no", "request_id": "id-1",
-    }  # fmt: skip
+        "error": "bad_request",
+        "detail": "no",
+        "request_id": "id-1",
+    }
     assert "request_id" not in error_body("bad_request", "no", None)
+
+
+def test_the_bytes_on_the_wire_are_the_same_body():
+    assert json.loads(error_json("too_large", "big", "r1")) == error_body("too_large", "big", "r1")
+    assert ServiceError(503, "warming", code=NOT_READY).code == "not_ready"

@@ -14,8 +14,8 @@ from corpus import cases, encode, photo, png_declaring
 from PIL import Image
 
 from helpers import await_for, image_bytes, in_process, v2_json
-from segserve.service.imaging import decode_image
-from segserve.service.render import resize_labels
+from segserve.service.media.imaging import decode_image
+from segserve.service.media.render import resize_labels
 
 PNG = {"Content-Type": "image/png"}
 CORPUS = cases()
@@ -100,7 +100,7 @@ def test_many_images_in_one_v2_request_are_refused_whole_and_queue_nothing(app):
     r = app.post("/v2/models/tiny/infer", json=v2_json(blobs))
     assert r.status_code == 413 and r.json()["error"] == "too_large"
     assert "limit is 16" in r.json()["detail"]
-    assert app.service.models.get("tiny").batcher.depth == 0
+    assert app.service.registry.get("tiny").batcher.depth == 0
 
 
 def test_declared_pixels_of_all_images_of_a_request_count_together(tiny_repository):
@@ -115,7 +115,7 @@ def test_a_v2_request_too_big_for_the_queue_is_refused_whole(tiny_repository):
         blobs = [base64.b64encode(image_bytes(20, 20, seed=i)).decode() for i in range(8)]
         r = app.post("/v2/models/tiny/infer", json=v2_json(blobs))
         assert r.status_code == 503 and "queue full" in r.json()["detail"]
-        assert app.service.models.get("tiny").batcher.depth == 0
+        assert app.service.registry.get("tiny").batcher.depth == 0
 
 
 @pytest.mark.parametrize("masks", ["\u00b2", "\u0967", "1,\u00b9"])
@@ -158,7 +158,7 @@ def test_large_images_run_scaled_down_and_get_labels_at_their_own_size(tiny_repo
         labels = np.asarray(Image.open(io.BytesIO(r.content)))
         assert labels.shape == (200, 300)
         small = decode_image(data, 10**6, fit_pixels=10_000)
-        (expected,) = app.service.models.get("tiny").engine.segment([small])
+        (expected,) = app.service.registry.get("tiny").engine.segment([small])
         assert np.array_equal(labels, resize_labels(expected, 200, 300))
         body = app.post("/segment", params={"format": "json"}, content=data, headers=PNG).json()
         assert body["inference_size"] == [122, 81] and (body["width"], body["height"]) == (300, 200)
@@ -193,7 +193,7 @@ def test_a_client_that_leaves_while_queued_costs_no_inference(tiny_repository):
             message = next(messages, None)
             if message is not None:
                 return message
-            batcher = app.service.models.get("tiny").batcher
+            batcher = app.service.registry.get("tiny").batcher
             await await_for(lambda: batcher.depth >= 1, what="the request queued")
             return {"type": "http.disconnect"}
 

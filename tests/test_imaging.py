@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segserve.service.imaging import ImageDecodeError, ImageTooLarge, decode_image
+from segserve.service.media.imaging import ImageDecodeError, ImageTooLarge, decode_image
 
 LIMIT = 40_000_000
 

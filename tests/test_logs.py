@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from helpers import image_bytes, in_process
-from segserve.service.logs import configure
+from segserve.service.telemetry.logs import configure
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Giving freed memory back: malloc_trim after work on many pixels, and only then."""
 
-from segserve.service import memory
+from segserve.service.runtime import memory
 
 
 def test_memory_is_given_back_only_after_work_on_many_pixels(monkeypatch):

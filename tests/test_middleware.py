@@ -6,8 +6,9 @@ from fastapi import FastAPI, Request
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from segserve.service.metrics import ServiceMetrics, Stage, Timings
-from segserve.service.middleware import RequestMiddleware
+from segserve.service.telemetry.clock import Stage, Timings
+from segserve.service.telemetry.prometheus import ServiceMetrics
+from segserve.service.web.middleware import RequestMiddleware
 
 
 def make_app() -> tuple[FastAPI, ServiceMetrics]:

@@ -14,7 +14,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
 from helpers import image_bytes, in_process, run_server
-from segserve.service.schemas import ErrorBody, ModelListing, Ready, SegmentResult
+from segserve.service.web.openapi import ErrorBody, ModelListing, Ready, SegmentResult
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

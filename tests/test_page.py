@@ -9,7 +9,7 @@ import re
 from PIL import Image
 
 from helpers import in_process
-from segserve.service.samples import samples
+from segserve.service.media.samples import samples
 
 
 def test_the_page_and_its_assets_load_from_the_server_only(tiny_repository):
@@ -53,7 +53,7 @@ def test_samples_are_the_same_on_every_server():
     import sys
 
     code = (
-        "import hashlib; from segserve.service.samples import samples\n"
+        "import hashlib; from segserve.service.media.samples import samples\n"
         "print({k: hashlib.sha256(v).hexdigest() for k, v in samples().items()})"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

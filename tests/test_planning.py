@@ -4,7 +4,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from segserve.service.planning import CostModel, Limits, group_pixels, plan_next, predicted_backlog
+from segserve.service.batching.planning import (
+    BatchLimits,
+    CostModel,
+    group_pixels,
+    plan_next,
+    predicted_backlog,
+)
 
 
 @dataclass
@@ -13,7 +19,7 @@ class J:
     enqueued: float
 
 
-LIMITS = Limits(max_batch_size=8, max_batch_pixels=10**9, size_divisor=16)
+LIMITS = BatchLimits(max_batch_size=8, max_batch_pixels=10**9, size_divisor=16)
 # A CPU: a fixed cost of 2 ms per run, 0.8 us per pixel (a 512x512 image: 210 ms).
 CPU = CostModel(per_pixel=0.8e-6, fixed=0.002)
 # A GPU: 1.5 ms per run, 5 ns per pixel (512x512: 2.8 ms).
@@ -65,9 +71,9 @@ def test_the_oldest_jobs_group_runs_first_whatever_its_size():
 
 def test_same_size_jobs_join_in_arrival_order_within_both_limits():
     jobs = [J((100, 100), t) for t in (5, 1, 3, 2, 4)]
-    batch = plan_next(jobs, Limits(3, 10**9, 16), CPU)
+    batch = plan_next(jobs, BatchLimits(3, 10**9, 16), CPU)
     assert [j.enqueued for j in batch] == [1, 2, 3]
-    batch = plan_next(jobs, Limits(8, 25_000, 16), CPU)
+    batch = plan_next(jobs, BatchLimits(8, 25_000, 16), CPU)
     assert len(batch) == 2  # 3 x 10,000 pixels would pass the batch pixel budget
 
 
@@ -87,6 +93,6 @@ def test_joiners_come_only_from_the_oldest_max_batch_size_jobs():
     # from the oldest four, never from behind the large jobs it would otherwise overtake.
     small = [J((100, 100), t) for t in (0, 3, 4, 5)]
     large = [J((480, 640), t) for t in (1, 2)]
-    batch = plan_next([*small, *large], Limits(4, 10**9, 16), CPU)
+    batch = plan_next([*small, *large], BatchLimits(4, 10**9, 16), CPU)
     assert [j.enqueued for j in batch] == [0, 3]
-    assert plan_next([*small, *large], Limits(8, 10**9, 16), CPU) == small
+    assert plan_next([*small, *large], BatchLimits(8, 10**9, 16), CPU) == small

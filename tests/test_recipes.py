@@ -14,6 +14,7 @@ from torch import nn
 from segserve.models import FCN
 from segserve.models.vgg import load_vgg16_state_dict, looks_like_caffe_vgg16
 from segserve.training.checkpoint import model_from_checkpoint
+from segserve.training.evaluate import TrainingSetupError
 from segserve.training.recipes import VOC_PIXELS, defaults_for
 from segserve.training.train import TrainConfig, build_network, make_optimizer, train
 
@@ -115,7 +116,7 @@ def test_at_once_is_recorded_and_rebuilt_from_the_checkpoint():
 
 
 def test_an_fcn_without_backbone_weights_is_refused_unless_asked(synth_root, tmp_path):
-    with pytest.raises(SystemExit, match="vgg16-397923af.pth") as refusal:
+    with pytest.raises(TrainingSetupError, match="vgg16-397923af.pth") as refusal:
         train(TrainConfig(data=synth_root, out=tmp_path / "run", model="fcn32s", workers=0))
     assert "--backbone-weights none" in str(refusal.value)
     assert not (tmp_path / "run" / "last.pt").exists()

@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from segserve.service.errors import ServiceError
-from segserve.service.metrics import ServiceMetrics
-from segserve.service.registry import ModelRegistry
+from segserve.service.runtime.registry import ModelRegistry
 from segserve.service.settings import Settings
+from segserve.service.telemetry.prometheus import ServiceMetrics
 
 
 def registry(repository, **settings) -> ModelRegistry:
@@ -115,3 +115,30 @@ def test_readiness_waits_for_the_default_and_every_required_model(repo, tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     assert asyncio.run(reasons(empty)) == "no model is loaded"
+
+
+def test_a_batch_run_adds_its_stages_to_each_request_once_and_counts_the_batch():
+    """Two images of one request in one run: stacking and inference count once for the
+    request (not once per image); its queue wait is the longest of its images'."""
+    import asyncio as aio
+
+    from segserve.service.batching.batcher import BatchRun, Job
+    from segserve.service.runtime.registry import record_batch
+    from segserve.service.telemetry.clock import Stage, Timings
+
+    metrics, timings, other = ServiceMetrics(), Timings(), Timings()
+    loop = aio.new_event_loop()
+    jobs = [
+        Job(None, (32, 32), 1e9, loop.create_future(), enqueued, clock)
+        for enqueued, clock in ((10.0, timings), (11.0, timings), (11.5, other))
+    ]
+    loop.close()
+    record_batch(metrics, "m", BatchRun(jobs, 12.0, 0.25, 0.5, 4 * 32 * 32))
+    assert timings.seconds == {Stage.QUEUE: 2.0, Stage.PREPROCESS: 0.25, Stage.INFERENCE: 0.5}
+    assert other.seconds == {Stage.QUEUE: 0.5, Stage.PREPROCESS: 0.25, Stage.INFERENCE: 0.5}
+    sample = metrics.registry.get_sample_value
+    assert sample("segserve_batch_size_count", {"model": "m"}) == 1
+    assert sample("segserve_padding_pixels_total", {"model": "m"}) == 32 * 32
+    record_batch(metrics, "m", BatchRun(jobs[:1], 13.0, 0.0, 0.1, 32 * 32, failed=True))
+    assert sample("segserve_batch_size_count", {"model": "m"}) == 1  # a failed run: no batch
+    assert Stage.INFERENCE in timings.seconds and timings.seconds[Stage.INFERENCE] == 0.5

@@ -11,9 +11,8 @@ from pycocotools import mask as coco_mask
 
 from segserve.contracts.card import ModelCard
 from segserve.contracts.palette import voc_palette
-from segserve.service.legend import legend_png
-from segserve.service.metrics import Timings
-from segserve.service.render import (
+from segserve.service.media.legend import legend_png
+from segserve.service.media.render import (
     MaskSpecError,
     RenderSpec,
     class_stats,
@@ -26,6 +25,7 @@ from segserve.service.render import (
     render,
     resize_labels,
 )
+from segserve.service.telemetry.clock import Timings
 
 CARD = ModelCard(
     name="m", architecture="unet", num_classes=3, class_names=["bg", "cat", "dog"],

@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import image_bytes, in_process, wait_for
 from segserve.contracts.card import ModelCard
-from segserve.service.imaging import decode_image
-from segserve.service.planning import CostModel
-from segserve.service.render import decode_rle
+from segserve.service.batching.planning import CostModel
+from segserve.service.media.imaging import decode_image
+from segserve.service.media.render import decode_rle
 
 PNG = {"Content-Type": "image/png"}
 
@@ -79,7 +79,7 @@ class Held:
 @contextmanager
 def held_engine(app, name: str = "tiny"):
     """Holds the model's session.runs until the block ends (or `gate` is set)."""
-    batcher = app.service.models.get(name).batcher
+    batcher = app.service.registry.get(name).batcher
     real = batcher.run_batch
     held = Held(threading.Event(), threading.Event(), [])
 
@@ -106,7 +106,7 @@ def behind_a_held_run(app, payloads: list[bytes]) -> tuple[list, list]:
     """Send `payloads` while the engine is held on another request, wait until they are all
     queued together, then let everything run. Their responses in order, and the sizes of
     every run after the held one."""
-    batcher = app.service.models.get("tiny").batcher
+    batcher = app.service.registry.get("tiny").batcher
     with held_engine(app) as held:
         first = post_later(app, "/segment", content=image_bytes(16, 16), headers=PNG)
         assert held.running.wait(30)
@@ -189,7 +189,7 @@ def test_requests_that_wait_together_are_batched_and_each_gets_its_own_labels(ap
 def test_a_merged_batch_is_padded_and_keeps_the_labels(app, reference):
     """With a GPU-like cost model (runs dear, pixels cheap) different sizes share one run,
     padded to a common size; the labels still agree with lone unpadded runs."""
-    model = app.service.models.get("tiny")
+    model = app.service.registry.get("tiny")
     stacked: list[tuple] = []
     real_batch, real_cost = model.batcher.stack, model.batcher.cost
 
@@ -322,21 +322,21 @@ def test_cpu_batches_are_small_and_stay_under_the_arena_shrink_size(tiny_reposit
     three = [image_bytes(64, 64, seed=i) for i in range(3)]  # 4096 pixels each
     for shrink_at, most_per_run in ((10_000, 2), (5_000, 1)):
         with in_process(tiny_repository, arena_shrink_pixels=shrink_at) as app:
-            batcher = app.service.models.get("tiny").batcher
+            batcher = app.service.registry.get("tiny").batcher
             assert batcher.limits.max_batch_size == 4
             assert batcher.limits.max_batch_pixels == shrink_at - 1
             responses, runs = behind_a_held_run(app, three)
             assert [r.status_code for r in responses] == [200] * 3
             assert max(len(run) for run in runs) == most_per_run, runs
     with in_process(tiny_repository, cpu_mem_arena=False) as app:  # no arena to keep
-        limits = app.service.models.get("tiny").batcher.limits
+        limits = app.service.registry.get("tiny").batcher.limits
         assert limits.max_batch_pixels == Settings().max_batch_pixels
 
 
 def test_a_full_queue_and_an_overloaded_model_answer_503_at_once(tiny_repository):
     with in_process(tiny_repository, max_queue=2) as app:
         with held_engine(app) as held:
-            batcher = app.service.models.get("tiny").batcher
+            batcher = app.service.registry.get("tiny").batcher
             first = post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)
             assert held.running.wait(30)
             # A request predicted to miss its deadline is told so now, not at the deadline.
@@ -369,7 +369,7 @@ def test_a_request_whose_deadline_passes_while_queued_gets_504(tiny_repository):
             # The held one passed its deadline too, while running: its answer is 504 as well.
             assert first.result(60).status_code == 504
             held.gate.set()
-            batcher = app.service.models.get("tiny").batcher
+            batcher = app.service.registry.get("tiny").batcher
             wait_for(lambda: not batcher.depth and not batcher.running, what="the held run over")
         assert rejected(app)["deadline"] == 2
         assert len(held.runs) == 1  # the given-up job never reached the engine
@@ -487,7 +487,7 @@ def test_liveness_answers_while_the_engine_is_busy_and_requests_queue(tiny_repos
     """/healthz never waits for a model: with a run held and requests queued behind it,
     it answers (the engine runs in a thread of its own, never on the event loop)."""
     with in_process(tiny_repository) as app, held_engine(app) as held:
-        batcher = app.service.models.get("tiny").batcher
+        batcher = app.service.registry.get("tiny").batcher
         # One request first, held in its run; the others sent after it cannot join that run.
         sent = [post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)]
         assert held.running.wait(30)

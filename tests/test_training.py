@@ -11,6 +11,7 @@ from PIL import Image
 from segserve.cli import MODEL_NAMES, main
 from segserve.training.checkpoint import CheckpointError, load_checkpoint
 from segserve.training.datasets import DatasetError, VOCSegmentation
+from segserve.training.evaluate import TrainingSetupError
 from segserve.training.synth import SYNTH_CLASSES, SynthConfig, render_sample, write_dataset
 from segserve.training.train import TrainConfig, autocast_dtype, native_bf16, train
 
@@ -211,7 +212,7 @@ def test_auto_precision_is_float16_on_cuda_and_bfloat16_only_where_the_cpu_has_i
     assert autocast_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
     expected = torch.bfloat16 if native_bf16() else None
     assert autocast_dtype(torch.device("cpu"), "auto") == expected
-    with pytest.raises(SystemExit, match="CUDA"):
+    with pytest.raises(TrainingSetupError, match="CUDA"):
         autocast_dtype(torch.device("cpu"), "float16")
 
 
@@ -235,7 +236,7 @@ def test_a_bfloat16_run_tracks_float32_and_saves_float32_weights(synth_root, tmp
 
 
 def test_resume_without_a_run_fails_clearly(synth_root, tmp_path):
-    with pytest.raises(SystemExit, match="no .*last.pt"):
+    with pytest.raises(TrainingSetupError, match="no .*last.pt"):
         train(_config(synth_root, tmp_path / "empty", epochs=1, resume=True))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segserve.contracts.palette import VOC_CLASSES, voc_palette
+from segserve.contracts.palette import IGNORE_LABEL, VOC_CLASSES, voc_palette
 from segserve.errors import UserError
 
 
@@ -101,7 +101,7 @@ class VOCSegmentation:
         if target.size != image.size:
             raise DatasetError(f"label {image_id}.png is {target.size}, its image {image.size}")
         labels = np.asarray(target)
-        bad = (labels >= self.num_classes) & (labels != 255)
+        bad = (labels >= self.num_classes) & (labels != IGNORE_LABEL)
         if bad.any():
             raise DatasetError(
                 f"label {image_id}.png holds class id {int(labels[bad].max())}, but the data set has "

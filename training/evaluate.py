@@ -1,7 +1,7 @@
 """Evaluation: the paper's four metrics and per-class IU of a network on a split.
 
 `evaluate` is what training calls after each epoch (and, under DDP, all-reduces across
-ranks); `run_eval` is `segserve eval` on a saved checkpoint.
+ranks); `evaluate_checkpoint` is `segserve eval` on a saved checkpoint.
 """
 
 from __future__ import annotations
@@ -16,17 +16,25 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from segserve.contracts.card import SCORE_LABELS
+from segserve.contracts.palette import IGNORE_LABEL
+from segserve.errors import UserError
 from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 from segserve.training.datasets import VOCSegmentation
 from segserve.training.metrics import ConfusionMatrix, segmentation_scores
 from segserve.training.transforms import EvalTransform
 
 
+class TrainingSetupError(UserError, ValueError):
+    """A device, a precision, a data set or a starting point that does not fit the run asked
+    for (train and eval refuse it before any work)."""
+
+
 def resolve_device(choice: str) -> torch.device:
     """`auto`: CUDA when torch sees one (the local rank's under torchrun), else CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+            raise TrainingSetupError("--device cuda asked for, but torch sees no CUDA device")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
@@ -50,14 +58,14 @@ def evaluate(
 
     model.eval()
     cm = ConfusionMatrix(num_classes)
-    criterion = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="sum")
     loss_sum, counted = 0.0, 0
     layout = input_layout(model)
     for image, target in tqdm(loader, desc="val", leave=False, disable=not progress):
         image, target = image.to(device).contiguous(memory_format=layout), target.to(device)
         logits = model(image)
         loss_sum += float(criterion(logits.float(), target))
-        counted += int((target != 255).sum())
+        counted += int((target != IGNORE_LABEL).sum())
         cm.update(logits.argmax(1).cpu(), target.cpu())
     matrix = torch.from_numpy(cm.matrix).to(device)
     stats = torch.tensor([loss_sum, counted], dtype=torch.float64, device=device)
@@ -71,7 +79,7 @@ def evaluate(
     return scores
 
 
-def run_eval(
+def evaluate_checkpoint(
     data: Path, checkpoint: Path, split: str = "val", device: str = "auto", as_json: bool = False
 ) -> dict:
     """`segserve eval`: print the table (or one JSON object) and return the scores."""
@@ -80,7 +88,7 @@ def run_eval(
     dev = resolve_device(device)
     dataset = VOCSegmentation(data, split, EvalTransform(ckpt["mean"], ckpt["std"]))
     if dataset.num_classes != ckpt["num_classes"]:
-        raise SystemExit(
+        raise TrainingSetupError(
             f"the data set has {dataset.num_classes} classes, the checkpoint {ckpt['num_classes']}"
         )
     loader = DataLoader(dataset, batch_size=1, num_workers=0)
@@ -108,12 +116,7 @@ def format_table(scores: dict, class_names: list[str]) -> str:
         else:
             lines.append(f"{name:<16}{iu:>8.4f}")
     lines.append("-" * 24)
-    for key, label in (
-        ("pixel_accuracy", "pixel acc"),
-        ("mean_accuracy", "mean acc"),
-        ("mean_iu", "mean IU"),
-        ("fw_iu", "f.w. IU"),
-    ):
+    for key, label in SCORE_LABELS.items():
         lines.append(f"{label:<16}{scores[key]:>8.4f}")
     lines.append(f"{'images':<16}{scores['num_images']:>8d}")
     if absent:

@@ -9,7 +9,12 @@ accuracy also leaves out classes absent from truth (their accuracy is 0/0).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from segserve.contracts.card import SCORES
+from segserve.contracts.palette import IGNORE_LABEL
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -21,7 +26,7 @@ def _as_numpy(x) -> np.ndarray:
 class ConfusionMatrix:
     """Accumulates n_ij over many images; rows are truth, columns prediction."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_LABEL) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -64,15 +69,10 @@ def segmentation_scores(matrix) -> dict:
         finite = values[~np.isnan(values)]
         return float(finite.mean()) if finite.size else float("nan")
 
-    return {
-        "pixel_accuracy": float(diag.sum() / total) if total else float("nan"),
-        "mean_accuracy": nanmean(per_class_acc),
-        "mean_iu": nanmean(per_class_iu),
-        "fw_iu": float((truth[present] * per_class_iu[present]).sum() / total)
-        if total
-        else float("nan"),
-        "per_class_iu": [float(v) for v in per_class_iu],
-    }
+    pixel_accuracy = float(diag.sum() / total) if total else math.nan
+    fw_iu = float((truth[present] * per_class_iu[present]).sum() / total) if total else math.nan
+    values = (pixel_accuracy, nanmean(per_class_acc), nanmean(per_class_iu), fw_iu)
+    return {**dict(zip(SCORES, values, strict=True)), "per_class_iu": [float(v) for v in per_class_iu]}
 
 
 def border_background_errors(pred, target, width: int = 4) -> tuple[int, int]:

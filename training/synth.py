@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from segserve.contracts.palette import pil_palette, voc_palette
+from segserve.contracts.palette import IGNORE_LABEL, pil_palette, voc_palette
 
 SYNTH_CLASSES = (
     "background", "disc", "ring", "square", "triangle", "star", "cross", "bar", "hexagon",
@@ -33,7 +33,6 @@ CLASS_TEXTURES = {
     "bar": "speckle",
     "hexagon": "blobs",
 }
-IGNORE = 255
 # VOC's border band is about 5 px wide on 500-px images; these are 160..512 px, and a 5-px
 # band left thin rings and bars with almost no labelled pixel (their IU could not rise).
 IGNORE_BAND = 3  # px
@@ -238,7 +237,7 @@ def render_sample(config: SynthConfig, index: int) -> tuple[Image.Image, Image.I
     border = np.asarray(lab.filter(ImageFilter.MaxFilter(IGNORE_BAND))) != np.asarray(
         lab.filter(ImageFilter.MinFilter(IGNORE_BAND))
     )
-    label[border] = IGNORE
+    label[border] = IGNORE_LABEL
     target = Image.fromarray(label, "P")
     target.putpalette(pil_palette(synth_palette()))
     return rgb, target
@@ -289,5 +288,5 @@ def write_dataset(out: Path, config: SynthConfig, progress: bool = True) -> dict
         "train": len(splits["train"]),
         "val": len(splits["val"]),
         "class_fraction": {n: float(pixels[i] / total) for i, n in enumerate(SYNTH_CLASSES)}
-        | {"ignore": float(pixels[IGNORE] / total)},
+        | {"ignore": float(pixels[IGNORE_LABEL] / total)},
     }

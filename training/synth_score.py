@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from segserve.contracts.card import SCORES
 from segserve.training.metrics import (
     ConfusionMatrix,
     border_background_errors,
@@ -35,8 +36,7 @@ def score_segmenter(segment: Callable[[bytes], np.ndarray], config: SynthConfig)
         wrong, background = wrong + w, background + b
     scores = segmentation_scores(cm.matrix)
     return {
-        "images": config.count, "seed": config.seed, **{k: scores[k] for k in
-        ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")},
+        "images": config.count, "seed": config.seed, **{k: scores[k] for k in SCORES},
         "per_class_iu": dict(zip(SYNTH_CLASSES, scores["per_class_iu"], strict=True)),
         "border_background_wrong": wrong / max(background, 1),
     }  # fmt: skip

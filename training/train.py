@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from segserve import models
 from segserve.contracts.card import IMAGENET_MEAN, IMAGENET_STD, SCORES
+from segserve.contracts.palette import IGNORE_LABEL
 from segserve.training import provenance
 from segserve.training.checkpoint import (
     checkpoint_fields,
@@ -33,7 +34,12 @@ from segserve.training.checkpoint import (
     save_checkpoint,
 )
 from segserve.training.datasets import VOCSegmentation
-from segserve.training.evaluate import evaluate, input_layout, resolve_device
+from segserve.training.evaluate import (
+    TrainingSetupError,
+    evaluate,
+    input_layout,
+    resolve_device,
+)
 from segserve.training.recipes import defaults_for
 from segserve.training.transforms import EvalTransform, TrainTransform
 
@@ -41,10 +47,7 @@ METRIC_COLUMNS = [
     "epoch",
     "train_loss",
     "val_loss",
-    "pixel_accuracy",
-    "mean_accuracy",
-    "mean_iu",
-    "fw_iu",
+    *SCORES,
     "lr",
     "images_per_s",
     "epoch_s",
@@ -209,12 +212,12 @@ def build_network(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict]:
         coarse_ckpt = load_checkpoint(cfg.init_from)
         coarse = model_from_checkpoint(coarse_ckpt)
         if not isinstance(coarse, models.FCN) or coarse_ckpt["num_classes"] != num_classes:
-            raise SystemExit(
+            raise TrainingSetupError(
                 f"--init-from must be a coarser FCN checkpoint with {num_classes} classes"
             )
         return models.fcn_from_coarser(coarse, models.FCN_STRIDES[cfg.model]), {}
     if cfg.backbone_weights is None:
-        raise SystemExit(NO_BACKBONE)
+        raise TrainingSetupError(NO_BACKBONE)
     at_once = cfg.model != "fcn32s"  # FCN-16s/8s straight from the backbone: skips scaled
     model = models.build_model(
         cfg.model, num_classes, backbone_weights=cfg.backbone_weights, at_once=at_once
@@ -275,7 +278,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
             return torch.float16
         return torch.bfloat16 if native_bf16() else None
     if precision == "float16" and device.type != "cuda":
-        raise SystemExit("--precision float16 needs a CUDA device; on a CPU use bfloat16")
+        raise TrainingSetupError("--precision float16 needs a CUDA device; on a CPU use bfloat16")
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
 
 
@@ -354,7 +357,7 @@ def train(cfg: TrainConfig) -> dict:
             weights = weights.sqrt()
     criterion = nn.CrossEntropyLoss(
         weight=None if weights is None else weights.float().to(device),
-        ignore_index=255,
+        ignore_index=IGNORE_LABEL,
         reduction=cfg.loss,
     )
 
@@ -362,8 +365,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         last = cfg.out / "last.pt"
         if not last.is_file():
-            raise SystemExit(f"--resume: no {last} to continue from")
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+            raise TrainingSetupError(f"--resume: no {last} to continue from")
+        ckpt = load_checkpoint(last)
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-IGNORE = 255
+from segserve.contracts.palette import IGNORE_LABEL
 
 
 class RandomScale:
@@ -58,7 +58,7 @@ class TrainTransform:
             v2.Normalize(mean, std),
             v2.RandomCrop(
                 crop_size, padding=margin or None, pad_if_needed=True,
-                fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE},
+                fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_LABEL},
             ),
         ])  # fmt: skip
 

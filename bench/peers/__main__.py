@@ -42,7 +42,7 @@ import numpy as np
 
 from segserve import loadgen
 from segserve.contracts.repository import walk
-from segserve.service.engine import Engine
+from segserve.service.runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".bench"

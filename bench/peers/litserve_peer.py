@@ -10,9 +10,9 @@ import os
 import litserve as ls
 from fastapi import Response
 
-from segserve.service.engine import Engine
-from segserve.service.imaging import decode_image
-from segserve.service.render import encode_label_png
+from segserve.service.media.imaging import decode_image
+from segserve.service.media.render import encode_label_png
+from segserve.service.runtime.engine import Engine
 
 
 class SegmentAPI(ls.LitAPI):

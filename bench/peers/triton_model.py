@@ -10,7 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from segserve.service.engine import Engine
+from segserve.service.runtime.engine import Engine
 
 
 class TritonPythonModel:

@@ -24,8 +24,10 @@ from segserve.errors import UserError
 # trains with, and what an imported float model is assumed to take unless told otherwise.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-# The paper's four scores (DESIGN.md), as a card's `metrics` names them.
+# The paper's four scores (section 5; docs/design.md), as a card's `metrics`, `segserve eval
+# --json` and metrics.csv name them, and as tables print them.
 SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
+SCORE_LABELS = dict(zip(SCORES, ("pixel acc", "mean acc", "mean IU", "f.w. IU"), strict=True))
 
 INPUT_DTYPES = ("uint8", "float32", "float16")
 INPUT_LAYOUTS = ("NHWC", "NCHW")

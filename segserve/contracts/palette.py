@@ -1,10 +1,15 @@
-"""Class colours: the PASCAL VOC colour map, so label PNGs open with VOC colours anywhere."""
+"""Label maps as PASCAL VOC writes them: class ids 0..C-1 (0 = background), 255 = "ignore"
+in ground truth, and the VOC colour map, so label PNGs open with VOC colours anywhere."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 import numpy as np
+
+# Ground-truth pixels with this label (object boundaries, padding) are left out of the loss
+# and of every score.
+IGNORE_LABEL = 255
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",

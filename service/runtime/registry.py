@@ -1,0 +1,293 @@
+"""The served models and their lifecycle, in one owner: every version the repository holds is
+loaded and warmed before it takes traffic, followed as the repository changes (new versions
+in, removed ones retired after their queued work), listed when it fails to load, and one name
+is the default. Readiness is decided here.
+
+Requests only look models up (`get`); nothing outside this module changes what is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from segserve.contracts.card import ModelCard
+from segserve.contracts.repository import VersionEntry, walk
+from segserve.service.batching.batcher import Batcher, BatchRun
+from segserve.service.batching.planning import BatchLimits, CostModel
+from segserve.service.errors import ServiceError
+from segserve.service.runtime.engine import Engine
+from segserve.service.runtime.providers import ProviderUnavailable
+from segserve.service.settings import Settings
+from segserve.service.telemetry.clock import Stage, Timings
+from segserve.service.telemetry.prometheus import ServiceMetrics
+
+log = logging.getLogger("segserve")
+
+
+@dataclass(eq=False)
+class ServedModel:
+    name: str
+    version: int
+    engine: Engine
+    batcher: Batcher
+    warmed: bool = False
+
+    @property
+    def card(self) -> ModelCard:
+        return self.engine.card
+
+
+@dataclass(frozen=True)
+class FailedModel:
+    name: str
+    version: int
+    error: str
+    mtime: float = 0.0  # of the file that failed: a changed file is tried again
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self._models: dict[str, dict[int, ServedModel]] = {}
+        self._failed: dict[tuple[str, int], FailedModel] = {}
+        self._default: str | None = None
+        self.serving = False  # between the end of start() and a drain or stop()
+        self.draining = False  # set by drain(): unready, still answering
+        self._watcher: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
+        metrics.follow(lambda: [(m.name, m.batcher.saturation()) for m in self.all()])
+
+    # -- what requests and listings read ---------------------------------------------
+
+    @property
+    def default_name(self) -> str | None:
+        return self._default
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    @property
+    def failed(self) -> list[FailedModel]:
+        return [self._failed[k] for k in sorted(self._failed)]
+
+    def all(self) -> list[ServedModel]:
+        return [m for name in self.names for _, m in sorted(self._models[name].items())]
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
+
+    def get(self, name: str | None, version: int | None = None) -> ServedModel:
+        """A model by name (default: the default model) and version (default: newest)."""
+        name = name or self._default
+        if name is None:
+            raise ServiceError(404, "no model is loaded")
+        versions = self._models.get(name)
+        if not versions:
+            why = (
+                " (it failed to load: see /models)"
+                if any(n == name for n, _ in self._failed)
+                else ""
+            )
+            loaded = ", ".join(self.names) or "none"
+            raise ServiceError(404, f"unknown model {name!r}{why}; loaded: {loaded}")
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise ServiceError(
+                404, f"model {name!r} has no version {version}; it has {sorted(versions)}"
+            )
+        return versions[version]
+
+    def unready_reason(self) -> str:
+        """Why the server cannot serve, or "" when it can: started, not stopping, and the
+        default model and every required model loaded and warm. Other models that failed do
+        not count (they are in /models and segserve_model_load_failures). No file paths in
+        the reason: /readyz is public."""
+        if self.draining:
+            return "draining for shutdown"
+        if not self.serving:
+            return "starting or shutting down"
+        needed = [self._default, *self.settings.required]
+        if needed[0] is None:
+            return "no model is loaded" if not self._failed else "no model loaded successfully"
+        missing = sorted({n for n in needed if n not in self._models})
+        if missing:
+            return f"required models not loaded: {', '.join(missing)}"
+        cold = sorted({n for n in needed if not self.get(n).warmed})
+        if cold:
+            return f"models warming up: {', '.join(cold)}"
+        return ""
+
+    @property
+    def ready(self) -> bool:
+        return not self.unready_reason()
+
+    # -- the lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load and warm every version in the repository, then serve (and, with
+        `repository_poll_s`, keep following the repository)."""
+        if not self.settings.repository.is_dir():
+            log.error("model repository %s does not exist", self.settings.repository)
+        await self.sync(at_start=True)
+        self.serving = True
+        log.info("ready: %s", self.unready_reason() or "yes")
+        if self.settings.repository_poll_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def drain(self) -> None:
+        """Turn unready while still serving (the first step of a shutdown)."""
+        self.draining = True
+
+    async def stop(self) -> None:
+        """Refuse new work and finish what is queued (after the server stopped accepting)."""
+        self.serving = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await asyncio.gather(*(m.batcher.stop() for m in self.all()), *self._retiring)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                await self.sync()
+            except Exception:  # a failed look at the repository must not end the watching
+                log.exception("could not sync the model repository")
+
+    async def sync(self, at_start: bool = False) -> None:
+        """Make the served models what the repository holds: versions that appeared are
+        loaded and warmed before they take traffic (the newest of a name serves requests
+        that name no version); versions that disappeared stop taking requests and finish
+        what they have. A version that fails to load is listed (and retried once its file
+        changes); whatever served before goes on serving."""
+        entries = {
+            (e.name, e.version): e
+            for e in await asyncio.to_thread(lambda: list(walk(self.settings.repository)))
+        }
+        for model in [m for m in self.all() if (m.name, m.version) not in entries]:
+            self._retire(model)
+        for key, entry in sorted(entries.items()):
+            if key[1] in self._models.get(key[0], {}):
+                continue
+            mtime = await asyncio.to_thread(lambda e=entry: e.model_path.stat().st_mtime)
+            failed = self._failed.get(key)
+            if failed is not None and failed.mtime == mtime:
+                continue  # the same file that failed before
+            await self._activate(entry, mtime, fatal_provider=at_start)
+        for key in [k for k in self._failed if k not in entries]:
+            del self._failed[key]
+            with contextlib.suppress(KeyError):
+                self.metrics.load_failures.remove(key[0], str(key[1]))
+        self._choose_default()
+
+    async def _activate(self, entry: VersionEntry, mtime: float, fatal_provider: bool) -> None:
+        key = (entry.name, entry.version)
+        try:
+            model = await asyncio.to_thread(self._load, entry)
+            await asyncio.to_thread(self._warm, model)
+        except ProviderUnavailable:
+            if fatal_provider:
+                raise  # a provider asked for by name must load: a start-up error
+            log.exception("could not load %s v%s", *key)
+            self._fail(entry, mtime, "the execution provider asked for did not load")
+            return
+        except Exception as exc:  # any other load failure is reported, never fatal
+            log.error("could not load %s v%s: %s", entry.name, entry.version, exc)
+            self._fail(entry, mtime, f"{type(exc).__name__}: {exc}")
+            return
+        model.batcher.start()
+        self._models.setdefault(model.name, {})[model.version] = model
+        self._failed.pop(key, None)
+        self.metrics.load_failures.labels(model.name, str(model.version)).set(0)
+        self.metrics.model_info.labels(*_info_labels(model)).set(1)
+        log.info("serving %s v%s (%s, %s)", model.name, model.version,
+                 model.card.architecture, model.engine.provider)  # fmt: skip
+
+    def _fail(self, entry: VersionEntry, mtime: float, error: str) -> None:
+        self._failed[(entry.name, entry.version)] = FailedModel(
+            entry.name, entry.version, error, mtime
+        )
+        self.metrics.load_failures.labels(entry.name, str(entry.version)).set(1)
+
+    def _retire(self, model: ServedModel) -> None:
+        """No new requests reach `model`; what it has queued or running still finishes."""
+        versions = self._models[model.name]
+        del versions[model.version]
+        if not versions:
+            del self._models[model.name]
+        with contextlib.suppress(KeyError):
+            self.metrics.model_info.remove(*_info_labels(model))
+        task = asyncio.get_running_loop().create_task(model.batcher.stop())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("retired %s v%s (gone from the repository)", model.name, model.version)
+
+    def _choose_default(self) -> None:
+        wanted = self.settings.default_model
+        if wanted:
+            if wanted not in self._models and self._default != wanted:
+                log.error("default model %r is not loaded", wanted)
+            self._default = wanted  # unready until it is loaded
+        elif self._default not in self._models:
+            self._default = self.names[0] if self._models else None
+
+    def _load(self, entry: VersionEntry) -> ServedModel:
+        s = self.settings
+        engine = Engine.load(
+            entry.model_path, s.providers, s.intra_op_threads, s.cudnn_conv_algo_search,
+            cpu_arena=s.cpu_mem_arena, spinning=s.ort_spinning,
+            arena_shrink_pixels=s.arena_shrink_pixels, card_path=entry.card_path,
+        )  # fmt: skip
+        batch_pixels = min(s.max_batch_pixels, engine.batch_pixel_limit or s.max_batch_pixels)
+        limits = BatchLimits(
+            s.batch_size_for(engine.provider), batch_pixels, engine.card.size_divisor
+        )
+        batcher = Batcher(
+            engine.stack,
+            engine.run,
+            limits,
+            CostModel(),
+            max_queue=s.max_queue,
+            max_queued_pixels=s.max_queued_pixels,
+            max_queue_delay_ms=s.max_queue_delay_ms,
+            on_batch=partial(record_batch, self.metrics, entry.name),
+        )
+        return ServedModel(entry.name, entry.version, engine, batcher)
+
+    def _warm(self, model: ServedModel) -> None:
+        """Run the warm-up shapes once each (first runs allocate and pick kernels) and give
+        the cost model its first measurements, before the model takes traffic."""
+        for h, w in self.settings.warmup:
+            t0 = time.perf_counter()
+            model.engine.segment([np.zeros((h, w, 3), np.uint8)])
+            model.batcher.cost.observe(h * w, time.perf_counter() - t0)
+        model.warmed = True
+
+
+def record_batch(metrics: ServiceMetrics, model: str, run: BatchRun) -> None:
+    """What a run of the engine adds to its requests' clocks (the `Timings` each request
+    submits as its jobs' context) and to the batch metrics."""
+    for job in run.jobs:
+        if isinstance(job.context, Timings):
+            job.context.longest(Stage.QUEUE, run.started - job.enqueued)
+    for timings in run.contexts():
+        if isinstance(timings, Timings):
+            timings.add(Stage.PREPROCESS, run.prepare_s)
+            if not run.failed:
+                timings.add(Stage.INFERENCE, run.run_s)
+    if not run.failed:
+        metrics.batch_size.labels(model).observe(len(run.jobs))
+        metrics.batch_pixels.labels(model).inc(run.pixels)
+        metrics.padding_pixels.labels(model).inc(run.padding)
+
+
+def _info_labels(model: ServedModel) -> tuple[str, str, str, str]:
+    return model.name, str(model.version), model.engine.provider, model.card.architecture

@@ -1,0 +1,109 @@
+"""One ASGI middleware around every request: its id, its clock (`Timings`: arrival, deadline,
+stages), the request and stage metrics, its log line, and the last resort for an unexpected
+exception.
+
+The model a request reached travels in request state (`scope["state"]["model"]`), set by the
+route that resolved it; the route label is the matched route's path template. An unexpected
+exception becomes a JSON 500 here, inside Starlette's ServerErrorMiddleware, so that it never
+re-raises to uvicorn, which would drop the keep-alive connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from segserve.service.errors import error_json
+from segserve.service.telemetry.clock import Timings
+from segserve.service.telemetry.logs import FIELDS
+from segserve.service.telemetry.prometheus import ServiceMetrics
+
+log = logging.getLogger("segserve.request")
+
+# Probes and scrapes come every few seconds; their lines would drown the requests' (errors
+# are still logged).
+QUIET_ROUTES = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
+# A client's X-Request-ID is kept when it is short and printable; otherwise a new one is made.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def route_label(scope: Scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+class RequestMiddleware:
+    def __init__(
+        self, app: ASGIApp, metrics: ServiceMetrics, timeout_s: float = float("inf"),
+        closing: Callable[[], bool] = lambda: False,
+    ) -> None:  # fmt: skip
+        self.app, self.metrics, self.timeout_s = app, metrics, timeout_s
+        # True while the server drains for shutdown: each response closes its connection,
+        # so no client holds a keep-alive connection to a replica about to stop listening.
+        self.closing = closing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+        timings = Timings(self.timeout_s)  # the request's deadline counts from here
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, timings=timings)
+        status, started = 500, False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                if self.closing():
+                    headers.append((b"connection", b"close"))
+                if "model" in state:
+                    headers.append((b"x-model", state["model"].encode()))
+                    headers.append((b"x-model-version", str(state["version"]).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:  # the last resort: nothing may reach uvicorn
+            log.exception("request %s failed: %s", request_id, exc)
+            if not started:
+                body = error_json("internal_error", f"{type(exc).__name__}: {exc}", request_id)
+                await send_wrapper(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            self.metrics.inflight.dec()
+            seconds = timings.elapsed()
+            route = route_label(scope)
+            model = state.get("model", "")
+            if route != "/metrics":
+                self.metrics.requests.labels(model, route, str(status)).inc()
+                self.metrics.request_duration.labels(model, route).observe(seconds)
+            if model:
+                self.metrics.observe_stages(timings, model)
+            if route not in QUIET_ROUTES or status >= 400:
+                fields = {
+                    "request_id": request_id, "method": scope["method"], "path": scope["path"],
+                    "route": route, "status": status, "model": model,
+                    "version": state.get("version", ""), "ms": round(seconds * 1000, 2),
+                }  # fmt: skip
+                if timings.seconds:
+                    fields["stages_ms"] = timings.milliseconds()
+                log.info("request", extra={FIELDS: fields})

@@ -1,0 +1,242 @@
+"""What the HTTP API answers, as pydantic models, and the OpenAPI pieces the routes cannot
+say through their signatures (an image request body, binary responses, every error).
+
+The routes that answer JSON from Python objects (/models, health) are validated against
+these models; /segment and v2 build their bodies by hand for speed, so their models here
+describe them and tests/test_openapi.py holds the answers to the description.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from segserve.service.errors import CODES
+from segserve.service.telemetry.clock import JSON_STAGES, TOTAL, Stage
+
+RGB = list[int]
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer."""
+
+    error: str = Field(description="a short code: " + ", ".join(sorted(set(CODES.values()))))
+    detail: str = Field(description="what went wrong, for a person")
+    request_id: str | None = Field(None, description="the X-Request-ID of the request")
+
+
+class ClassColor(BaseModel):
+    id: int
+    name: str
+    color: RGB = Field(description="the class colour in the palette, [r, g, b]")
+
+
+class ClassShare(ClassColor):
+    pixels: int = Field(description="pixels of this class in the label image")
+    fraction: float = Field(description="pixels / all pixels")
+
+
+class RunLength(BaseModel):
+    """COCO's uncompressed RLE (pycocotools: mask.frPyObjects(rle, h, w))."""
+
+    size: list[int] = Field(description="[height, width]")
+    counts: list[int] = Field(description="run lengths, column-major, starting with a 0-run")
+
+
+class SegmentResult(BaseModel):
+    """POST /segment?format=json."""
+
+    model: str
+    version: int
+    inference_size: list[int] | None = Field(
+        None, description="[width, height] the network ran at, when the image was scaled down"
+    )
+    width: int
+    height: int
+    classes: list[ClassShare] = Field(description="every class present in the image")
+    label_png: str = Field(description="the label PNG (palette mode), base64")
+    masks: dict[str, str | RunLength] = Field(
+        description="requested class name -> a 1-bit PNG (base64) or a COCO RLE"
+    )
+    timings_ms: dict[str, float] = Field(
+        description=", ".join([*(s.value for s in JSON_STAGES), TOTAL]) + " (ms)"
+    )
+
+
+class ModelInput(BaseModel):
+    mean: list[float] | None
+    std: list[float] | None
+    dtype: str = Field(description="uint8 (pixels in) or float32 (normalised in)")
+    layout: str = Field(description="NHWC or NCHW")
+    size_divisor: int
+
+
+class ModelSummary(BaseModel):
+    name: str
+    version: int = Field(description="the version answering by default: the newest")
+    versions: list[int]
+    architecture: str
+    provider: str = Field(description="the onnxruntime execution provider it runs on")
+    ready: bool
+    classes: list[ClassColor]
+    input: ModelInput
+    output: str = Field(description="labels (argmax in the graph) or logits")
+
+
+class ModelDetail(ModelSummary):
+    card: dict[str, Any] = Field(description="the model card as export or import wrote it")
+
+
+class FailedVersion(BaseModel):
+    name: str
+    version: int
+    error: str
+
+
+class ModelListing(BaseModel):
+    default: str | None
+    models: list[ModelSummary]
+    failed: list[FailedVersion] = Field(description="versions that did not load, and why")
+
+
+class Live(BaseModel):
+    status: str = "ok"
+
+
+class Ready(BaseModel):
+    status: str
+    models: list[str]
+    providers: list[str]
+
+
+ERROR_TEXT = {
+    400: "the body is not a decodable image, or the request is malformed",
+    401: "an API key is set and the request did not bring it (Authorization: Bearer KEY)",
+    404: "no such model or version",
+    408: "the body did not arrive in time",
+    413: "the body, the image or all images of the request are over a limit",
+    415: "the body is not an image type this server decodes",
+    422: "a query parameter is invalid",
+    499: "the client went away before the answer",
+    503: "the queue is full, the wait would be too long, or the model is not ready (Retry-After)",
+    504: "the request's deadline passed",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for these statuses, each with the error body."""
+    return {s: {"model": ErrorBody, "description": ERROR_TEXT[s]} for s in statuses}
+
+
+def png(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    }
+
+
+# POST /segment reads its body itself (body.py), so the spec states it here: the image as
+# the whole body, or as the `image` field of a form (what "Try it out" uploads).
+IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "an image (JPEG, PNG, WebP, ...): the raw bytes or a form field `image`",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "format=png: the label PNG (palette mode, one index per pixel); "
+        "format=overlay: the image with class colours; format=json: the result",
+        "model": SegmentResult,  # application/json
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        "headers": {
+            "Server-Timing": {
+                "description": "stage durations: " + ", ".join(s.value for s in Stage),
+                "schema": {"type": "string"},
+            },
+            "X-Model": {"description": "the model that answered", "schema": {"type": "string"}},
+            "X-Model-Version": {"schema": {"type": "string"}},
+            "X-Request-ID": {"schema": {"type": "string"}},
+        },
+    },
+    **errors(400, 401, 404, 408, 413, 415, 422, 503, 504),
+}
+
+METRICS_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+    **errors(401),
+}
+
+# v2 infer: JSON (Open Inference Protocol), or that JSON followed by binary tensor data
+# (Inference-Header-Content-Length says where the JSON ends), as tritonclient sends it.
+V2_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
+        "parameters": {"type": "object"},
+        "data": {"type": "array", "items": {}},
+    },
+}
+V2_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "input `image`: UINT8 [N, H, W, 3] pixels or BYTES [N] encoded images",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "items": V2_TENSOR, "minItems": 1},
+                        "outputs": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+            },
+        },
+    }
+}
+V2_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "output `labels`: UINT8 [N, H, W]; binary when the request asked",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "model_name": {"type": "string"},
+                        "model_version": {"type": "string"},
+                        "id": {"type": "string"},
+                        "outputs": {"type": "array", "items": V2_TENSOR},
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    **errors(400, 401, 404, 408, 413, 415, 422, 503, 504),
+}
