@@ -44,7 +44,9 @@ def measure(model: Path, setting: str, seconds: float, large: bool, shrink_pixel
     engine = Engine.load(model, "cpu", os.cpu_count() or 1, **options)
     rng = np.random.default_rng(0)
     sizes = MIX + ([(1000, 1000)] if large else [])
-    batches = [engine.stack([engine.prepare(rng.integers(0, 256, (h, w, 3), np.uint8))]) for h, w in sizes]  # fmt: skip
+    batches = [
+        engine.stack([engine.prepare(rng.integers(0, 256, (h, w, 3), np.uint8))]) for h, w in sizes
+    ]
     result: dict = {}
 
     def work() -> None:
@@ -61,9 +63,14 @@ def measure(model: Path, setting: str, seconds: float, large: bool, shrink_pixel
                 engine.run(b, [s])
                 images, pixels = images + 1, pixels + s[0] * s[1]
         elapsed, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-        result.update(megapixels_per_s=pixels / elapsed / 1e6, images_per_s=images / elapsed,
-                      faults_per_image=(r1.ru_minflt - r0.ru_minflt) / images,
-                      cpu_ms_per_image=1000 * (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / images)  # fmt: skip
+        result.update(
+            megapixels_per_s=pixels / elapsed / 1e6,
+            images_per_s=images / elapsed,
+            faults_per_image=(r1.ru_minflt - r0.ru_minflt) / images,
+            cpu_ms_per_image=1000
+            * (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+            / images,
+        )
 
     thread = threading.Thread(target=work)
     thread.start()
@@ -95,22 +102,42 @@ def main() -> None:
         row = measure(entry.model_path, setting, args.seconds, large == "1", args.shrink_pixels)
         print(json.dumps(row))
         return
-    print(f"{'mix':<22}{'arena':<30}{'MP/s':>7}{'img/s':>7}{'faults/img':>12}"
-          f"{'CPU ms/img':>12}{'RSS after':>11}{'peak':>7}")  # fmt: skip
+    print(
+        f"{'mix':<22}{'arena':<30}{'MP/s':>7}{'img/s':>7}{'faults/img':>12}"
+        f"{'CPU ms/img':>12}{'RSS after':>11}{'peak':>7}"
+    )
     for large in ("0", "1"):
         for _ in range(args.rounds):
             for setting in SETTINGS:
                 out = subprocess.run(
-                    [sys.executable, "-m", "bench.arena", "--repository", str(args.repository),
-                     "--model", args.model, "--seconds", str(args.seconds),
-                     "--shrink-pixels", str(args.shrink_pixels), "--one", setting, large],
-                    check=True, capture_output=True, text=True,
-                ).stdout  # fmt: skip
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.arena",
+                        "--repository",
+                        str(args.repository),
+                        "--model",
+                        args.model,
+                        "--seconds",
+                        str(args.seconds),
+                        "--shrink-pixels",
+                        str(args.shrink_pixels),
+                        "--one",
+                        setting,
+                        large,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 mix = "5 photo sizes" + (" + 1 MP" if large == "1" else "")
-                print(f"{mix:<22}{setting:<30}{r['megapixels_per_s']:>7.3f}{r['images_per_s']:>7.2f}"
-                      f"{r['faults_per_image']:>12.0f}{r['cpu_ms_per_image']:>12.0f}"
-                      f"{r['rss_after_mb']:>9.0f}MB{r['peak_rss_mb']:>5.0f}MB", flush=True)  # fmt: skip
+                print(
+                    f"{mix:<22}{setting:<30}{r['megapixels_per_s']:>7.3f}{r['images_per_s']:>7.2f}"
+                    f"{r['faults_per_image']:>12.0f}{r['cpu_ms_per_image']:>12.0f}"
+                    f"{r['rss_after_mb']:>9.0f}MB{r['peak_rss_mb']:>5.0f}MB",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

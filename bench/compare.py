@@ -65,9 +65,12 @@ NAIVE = [sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--log-level
 def running(cmd: list[str], port: int, env: dict, log: Path) -> Iterator[subprocess.Popen]:
     """A server process on `port`, up (its /metrics answers) for the block, then stopped."""
     proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], cwd=ROOT, env={**os.environ, **env},
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [*cmd, "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         loadgen.wait_until_up(f"http://127.0.0.1:{port}/metrics", proc, 180, log)
         yield proc
@@ -98,8 +101,12 @@ def main() -> None:
     threads = os.cpu_count() or 1
     h, w = (int(v) for v in args.size.split("x"))
     images = loadgen.synthetic_images([(h, w)], per_size=8)
-    report: dict = {"machine": f"{platform.node()} {platform.machine()} {threads} cores", "model": args.model, "size": args.size,
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    report: dict = {
+        "machine": f"{platform.node()} {platform.machine()} {threads} cores",
+        "model": args.model,
+        "size": args.size,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
     # 1. The limit: bare session.run.
     newest = [e for e in walk(args.repository) if e.name == args.model][-1]

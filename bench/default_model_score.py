@@ -39,10 +39,11 @@ def main() -> None:
     p.add_argument("--count", type=int, default=150)
     p.add_argument("--seed", type=int, default=4242, help="not a training seed (that is 0)")
     p.add_argument(
-        "--generator-default", action="store_true",
+        "--generator-default",
+        action="store_true",
         help="the generator's default images (160-512 px, up to 8 objects) instead of the "
         "default model's own (128-192 px)",
-    )  # fmt: skip
+    )
     args = p.parse_args()
     sizes = {} if args.generator_default else DEFAULT_MODEL_SET
     print(json.dumps(score(args.model, args.count, args.seed, sizes), indent=2))

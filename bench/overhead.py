@@ -64,13 +64,19 @@ def null_model(folder: Path, uint8: bool) -> Path:
     graph = helper.make_graph(nodes, "null", [image], [out], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     card = ModelCard(
-        name="null", architecture="null", num_classes=classes,
+        name="null",
+        architecture="null",
+        num_classes=classes,
         class_names=[f"c{i}" for i in range(classes)],
-        palette=voc_palette(classes), mean=[0.5] * 3, std=[0.25] * 3,
-        output="labels" if uint8 else "logits", size_divisor=1,
-        input_dtype="uint8" if uint8 else "float32", input_layout="NHWC" if uint8 else "NCHW",
+        palette=voc_palette(classes),
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        output="labels" if uint8 else "logits",
+        size_divisor=1,
+        input_dtype="uint8" if uint8 else "float32",
+        input_layout="NHWC" if uint8 else "NCHW",
         producer="bench.overhead",
-    )  # fmt: skip
+    )
     props = card.to_metadata()
     if not uint8:  # what trees from before the uint8 contract read
         props["input_layout"] = "NCHW float32"
@@ -133,12 +139,17 @@ def measure(
             (stats,) = loadgen.bench(
                 loadgen.Target(url), [n], duration, images, progress=False, server_pid=proc.pid
             )
-            rows.append({
-                "concurrency": n, "throughput_rps": stats.throughput_rps, "p50_ms": stats.p50_ms,
-                "p99_ms": stats.p99_ms, "errors": {k: v for k, v in stats.status_counts.items() if k != "200"},
-                "server_cpu_ms_per_request": stats.server_cpu_ms_per_request,
-                "server_stage_ms": stats.server_stage_ms,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "concurrency": n,
+                    "throughput_rps": stats.throughput_rps,
+                    "p50_ms": stats.p50_ms,
+                    "p99_ms": stats.p99_ms,
+                    "errors": {k: v for k, v in stats.status_counts.items() if k != "200"},
+                    "server_cpu_ms_per_request": stats.server_cpu_ms_per_request,
+                    "server_stage_ms": stats.server_stage_ms,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     finally:
         proc.terminate()
@@ -154,9 +165,10 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--baseline-tree", type=Path, default=None)
     p.add_argument(
-        "--baseline-fast-http", action="store_true",
+        "--baseline-fast-http",
+        action="store_true",
         help="let the baseline use httptools/uvloop too (default: hidden, as before they were installed)",
-    )  # fmt: skip
+    )
     p.add_argument("--out", type=Path, default=None, help="write overhead.json here")
     args = p.parse_args()
     images = loadgen.synthetic_images([(512, 512)], per_size=8)

@@ -58,14 +58,22 @@ def render(report: dict) -> str:
     ]
     out += http_rows(report["naive"], stages=False)
     ratios = report["ratios"]
-    out += ["", "| ratio | value |", "| --- | --: |",
-            f"| segserve best throughput / bare onnxruntime best | {ratios['segserve_over_bare_throughput']:.2f} |",
-            f"| segserve p50 at concurrency 1 − bare session.run, ms | {ratios['segserve_p50_c1_ms']:.1f} − {ratios['bare_batch1_ms']:.1f} = {ratios['segserve_p50_c1_minus_bare_ms']:.1f} |",
-            f"| segserve best throughput / naive best | {ratios['segserve_over_naive_throughput']:.2f} |"]  # fmt: skip
+    out += [
+        "",
+        "| ratio | value |",
+        "| --- | --: |",
+        f"| segserve best throughput / bare onnxruntime best | {ratios['segserve_over_bare_throughput']:.2f} |",
+        f"| segserve p50 at concurrency 1 − bare session.run, ms | {ratios['segserve_p50_c1_ms']:.1f} − {ratios['bare_batch1_ms']:.1f} = {ratios['segserve_p50_c1_minus_bare_ms']:.1f} |",
+        f"| segserve best throughput / naive best | {ratios['segserve_over_naive_throughput']:.2f} |",
+    ]
     rss, naive = report["segserve_rss_mb"], report["naive_rss_mb"]
-    out += ["", "| server | RSS after start-up, MB | peak RSS under load, MB |", "| --- | --: | --: |",
-            f"| segserve | {rss['after_load_idle']:.0f} | {rss['peak_under_load']:.0f} |",
-            f"| naive PyTorch | {naive['after_load_idle']:.0f} | {naive['peak_under_load']:.0f} |"]  # fmt: skip
+    out += [
+        "",
+        "| server | RSS after start-up, MB | peak RSS under load, MB |",
+        "| --- | --: | --: |",
+        f"| segserve | {rss['after_load_idle']:.0f} | {rss['peak_under_load']:.0f} |",
+        f"| naive PyTorch | {naive['after_load_idle']:.0f} | {naive['peak_under_load']:.0f} |",
+    ]
     return "\n".join(out)
 
 

@@ -68,8 +68,9 @@ def workload(seed: int) -> list[tuple[str, bytes, str]]:
 
 def v2_many(count: int = 64) -> bytes:
     blobs = [base64.b64encode(black_png(1000, 1000)).decode()] * count
-    return json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [count],
-                                   "data": blobs}]}).encode()  # fmt: skip
+    return json.dumps(
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [count], "data": blobs}]}
+    ).encode()
 
 
 async def drive(url: str, total: int, concurrency: int, seed: int) -> Counter:
@@ -128,13 +129,21 @@ def soak(url: str, pid: int, total: int, concurrency: int = 8, seed: int = 0) ->
     done.set()
     sampler.join()
     return {
-        "requests": total, "concurrency": concurrency, "seconds": time.monotonic() - start,
-        "rss_before_mb": baseline, "rss_peak_mb": max(s[1] for s in samples),
-        "rss_after_mb": rss_mb(pid), "statuses": {str(k): v for k, v in statuses.items()},
-        "healthz_ms": {"p50": float(np.percentile(health_ms, 50)), "p99": float(np.percentile(health_ms, 99)),
-                       "max": max(health_ms), "samples": len(health_ms)},
+        "requests": total,
+        "concurrency": concurrency,
+        "seconds": time.monotonic() - start,
+        "rss_before_mb": baseline,
+        "rss_peak_mb": max(s[1] for s in samples),
+        "rss_after_mb": rss_mb(pid),
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "healthz_ms": {
+            "p50": float(np.percentile(health_ms, 50)),
+            "p99": float(np.percentile(health_ms, 99)),
+            "max": max(health_ms),
+            "samples": len(health_ms),
+        },
         "samples": samples,
-    }  # fmt: skip
+    }
 
 
 def plot(result: dict, path: Path, budget_mb: float) -> None:

@@ -33,9 +33,17 @@ def images_per_s(
 
     def run(n: int) -> None:
         train_one_epoch(
-            net, batches * n, nn.CrossEntropyLoss(), optimizer, scheduler, scaler,
-            torch.device("cpu"), dtype, "", progress=False,
-        )  # fmt: skip
+            net,
+            batches * n,
+            nn.CrossEntropyLoss(),
+            optimizer,
+            scheduler,
+            scaler,
+            torch.device("cpu"),
+            dtype,
+            "",
+            progress=False,
+        )
 
     run(3)  # oneDNN picks and caches its kernels on the first calls
     start = time.perf_counter()

@@ -28,10 +28,21 @@ from segserve.training.train import TrainConfig, autocast_dtype, train, train_on
 # as served images do; sqrt median-frequency weights lift thin classes without making the
 # background cheap to paint over (docs/benchmarks.md, "Training the default model").
 RECIPE = dict(
-    model="unet", width=16, batch_norm=True, optimizer="adamw", lr=0.003, weight_decay=1e-4,
-    epochs=60, batch_size=16, crop_size=128, scale=(0.75, 1.25), border_margin=32,
-    class_weighting="sqrt", compile=True, workers=1,
-)  # fmt: skip
+    model="unet",
+    width=16,
+    batch_norm=True,
+    optimizer="adamw",
+    lr=0.003,
+    weight_decay=1e-4,
+    epochs=60,
+    batch_size=16,
+    crop_size=128,
+    scale=(0.75, 1.25),
+    border_margin=32,
+    class_weighting="sqrt",
+    compile=True,
+    workers=1,
+)
 # The data: synth.DEFAULT_MODEL_SET images, seed 0 (2,400 train, 600 val).
 SYNTH = SynthConfig(count=3000, seed=0, **DEFAULT_MODEL_SET)
 
@@ -69,8 +80,18 @@ def estimate(device: torch.device, steps: int = 3) -> Estimate:
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
-        train_one_epoch(net, [batch] * n, nn.CrossEntropyLoss(), optimizer, scheduler, scaler,
-                        device, amp, "", progress=False)  # fmt: skip
+        train_one_epoch(
+            net,
+            [batch] * n,
+            nn.CrossEntropyLoss(),
+            optimizer,
+            scheduler,
+            scaler,
+            device,
+            amp,
+            "",
+            progress=False,
+        )
         return time.perf_counter() - t0
 
     run(1)

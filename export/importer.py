@@ -22,8 +22,11 @@ from segserve.contracts.palette import VOC_CLASSES, voc_palette
 from segserve.contracts.repository import next_version, publishing, version_dir, write_version
 from segserve.errors import UserError
 
-DTYPES = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.FLOAT: "float32",
-          onnx.TensorProto.FLOAT16: "float16"}  # fmt: skip
+DTYPES = {
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+}
 CHECK_SIZES = ((1, 37, 53), (2, 64, 48))  # (N, H, W): odd, and a batch of two
 
 
@@ -168,12 +171,22 @@ def describe(
         )
     names, palette = _classes(classes, count)
     return ModelCard(
-        name=name, architecture=architecture, num_classes=len(names),
-        class_names=names, palette=palette, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD,
-        output=kind, output_name=out.name, input_name=image.name, input_dtype=DTYPES[image.dtype],
-        input_layout=layout, size_divisor=size_divisor, producer=f"segserve import ({model.producer_name})",
+        name=name,
+        architecture=architecture,
+        num_classes=len(names),
+        class_names=names,
+        palette=palette,
+        mean=mean or IMAGENET_MEAN,
+        std=std or IMAGENET_STD,
+        output=kind,
+        output_name=out.name,
+        input_name=image.name,
+        input_dtype=DTYPES[image.dtype],
+        input_layout=layout,
+        size_divisor=size_divisor,
+        producer=f"segserve import ({model.producer_name})",
         trained_on="unknown (imported)",
-    )  # fmt: skip
+    )
 
 
 def check_runs(path: Path, card: ModelCard) -> None:
@@ -198,9 +211,13 @@ def check_runs(path: Path, card: ModelCard) -> None:
 
 
 def import_model(
-    model_path: Path, repository: Path, name: str, version: int | None = None,
-    force: bool = False, **options,
-) -> Path:  # fmt: skip
+    model_path: Path,
+    repository: Path,
+    name: str,
+    version: int | None = None,
+    force: bool = False,
+    **options,
+) -> Path:
     """Write REPO/NAME/VERSION/{model.onnx, model.json}; returns the version folder."""
     card = describe(Path(model_path), name, **options)
     repository = Path(repository)

@@ -104,13 +104,17 @@ def model_card(
 ) -> ModelCard:
     """The card of what is being exported: the checkpoint's fields and the export's own."""
     return ModelCard.from_checkpoint(
-        ckpt, name=name, version=version,
+        ckpt,
+        name=name,
+        version=version,
         input_dtype="uint8" if uint8_input else "float16" if fp16 else "float32",
         input_layout="NHWC" if uint8_input else "NCHW",
-        precision="float16" if fp16 else "float32", output="labels" if labels else "logits",
+        precision="float16" if fp16 else "float32",
+        output="labels" if labels else "logits",
         exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        torch_version=str(torch.__version__), opset=OPSET,
-    )  # fmt: skip
+        torch_version=str(torch.__version__),
+        opset=OPSET,
+    )
 
 
 def convert_network(net: nn.Module) -> onnx.ModelProto:

@@ -55,19 +55,27 @@ def add_data_synth(sub: Subcommands) -> None:
     )
     p.add_argument("--max-objects", type=int, default=8, help="objects per image, at most")
     p.add_argument(
-        "--object-scale", type=float, nargs=2, default=(0.12, 0.75), metavar=("LOW", "HIGH"),
+        "--object-scale",
+        type=float,
+        nargs=2,
+        default=(0.12, 0.75),
+        metavar=("LOW", "HIGH"),
         help="object size range, as a share of the image's short side (log-uniform)",
-    )  # fmt: skip
+    )
 
 
 def run_data_synth(args: argparse.Namespace) -> int:
     from segserve.training.synth import SynthConfig, write_dataset
 
     config = SynthConfig(
-        count=args.count, seed=args.seed, min_size=args.min_size, max_size=args.max_size,
-        val_fraction=args.val_fraction, max_objects=args.max_objects,
+        count=args.count,
+        seed=args.seed,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        val_fraction=args.val_fraction,
+        max_objects=args.max_objects,
         object_scale=tuple(args.object_scale),
-    )  # fmt: skip
+    )
     written = write_dataset(args.out, config, progress=True)
     summary([(split, written[split]) for split in ("train", "val")], ("split", "images"))
     fractions = [(name, f"{frac:.1%}") for name, frac in written["class_fraction"].items()]
@@ -83,14 +91,18 @@ def add_data_sbd(sub: Subcommands) -> None:
     p.add_argument("--voc", required=True, type=Path, help="VOC2012 folder (VOCdevkit/VOC2012)")
     p.add_argument("--out", required=True, type=Path, help="the VOC-layout folder to write")
     p.add_argument(
-        "--val-list", type=Path, default=None,
+        "--val-list",
+        type=Path,
+        default=None,
         help="the val ids (e.g. the authors' seg11valid.txt with a VOC2012 folder); default: "
         "the VOC folder's ImageSets/Segmentation/val.txt (VOC2011's gives seg11valid)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--link", action=argparse.BooleanOptionalAction, default=True,
+        "--link",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="hard-link JPEGs instead of copying them (when on the same file system)",
-    )  # fmt: skip
+    )
 
 
 def run_data_sbd(args: argparse.Namespace) -> int:
@@ -119,95 +131,127 @@ def add_train(sub: Subcommands) -> None:
     )
     p.add_argument("--model", required=True, choices=MODEL_NAMES, help="the network to train")
     p.add_argument(
-        "--out", required=True, type=Path,
+        "--out",
+        required=True,
+        type=Path,
         help="run folder: last.pt, best.pt, metrics.csv, config.json",
-    )  # fmt: skip
+    )
     p.add_argument("--epochs", type=int, default=30, help="passes over the training set")
     recipe = p.add_argument_group(
-        "recipe", "left out: the architecture's and stage's defaults (training/recipes.py): "
+        "recipe",
+        "left out: the architecture's and stage's defaults (training/recipes.py): "
         "FCN as the authors' solvers (SGD, momentum 0.99, batch 1, whole images, fixed rate, "
         "biases 2x without decay, 100x lower rate per finer stage); U-Net SGD 0.9, poly decay",
-    )  # fmt: skip
+    )
     recipe.add_argument("--batch-size", type=int, default=None, help="images per step")
     recipe.add_argument(
         "--crop-size", type=int, default=None, help="square training crop (padded with ignore)"
     )
     recipe.add_argument(
-        "--scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+        "--scale",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
         help="random rescaling range before the crop",
-    )  # fmt: skip
+    )
     recipe.add_argument(
-        "--border-margin", type=int, default=0,
+        "--border-margin",
+        type=int,
+        default=0,
         help="pad each image by this many pixels (mean colour, ignored) before the crop, so "
         "crops hold image borders as served images do",
-    )  # fmt: skip
+    )
     recipe.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimiser")
     recipe.add_argument(
-        "--lr", type=float, default=None,
+        "--lr",
+        type=float,
+        default=None,
         help="base learning rate (for the loss as --loss computes it; AdamW: 0.001)",
-    )  # fmt: skip
+    )
     recipe.add_argument("--momentum", type=float, default=None, help="SGD momentum")
     recipe.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay")
     recipe.add_argument(
-        "--poly-power", type=float, default=None,
+        "--poly-power",
+        type=float,
+        default=None,
         help="lr = base * (1 - it/total) ** power; 0 keeps the rate fixed",
-    )  # fmt: skip
+    )
     recipe.add_argument(
-        "--loss", choices=("mean", "sum"), default=None,
+        "--loss",
+        choices=("mean", "sum"),
+        default=None,
         help="cross-entropy over labelled pixels: mean, or sum as the authors' Caffe nets "
         "(the same step needs the rate times the pixel count; see training/recipes.py)",
-    )  # fmt: skip
+    )
     recipe.add_argument(
-        "--class-weighting", choices=("none", "median", "sqrt"), default=None,
+        "--class-weighting",
+        choices=("none", "median", "sqrt"),
+        default=None,
         help="median: median frequency balancing of the loss (rare classes weigh more); "
         "sqrt: its square root (the background is not made cheap to paint over)",
-    )  # fmt: skip
+    )
     recipe.add_argument(
         "--bias-lr-mult", type=float, default=None, help="biases learn at this times the rate"
     )
     recipe.add_argument(
-        "--bias-decay", action=argparse.BooleanOptionalAction, default=None,
+        "--bias-decay",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="apply weight decay to biases",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--width", type=int, default=64, help="U-Net width (64 = the paper; 16 or 8 on a CPU)"
     )
     p.add_argument("--batch-norm", action="store_true", help="U-Net: batch norm after each conv")
     p.add_argument(
-        "--backbone-weights", default=None,
+        "--backbone-weights",
+        default=None,
         help="FCN (required without --init-from): 'imagenet' (torchvision), a VGG16 "
         "state-dict file, or 'none' to train from scratch knowingly",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--init-from", type=Path, default=None,
+        "--init-from",
+        type=Path,
+        default=None,
         help="staged FCN: a trained coarser FCN checkpoint (32s -> 16s -> 8s)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last.pt"
     )
     p.add_argument(
-        "--stop-after", type=int, default=None, metavar="N",
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
         help="train at most N epochs in this invocation, then exit (time-limited jobs; continue with --resume)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
         help="auto: CUDA when torch sees it (the local rank's under torchrun)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+        "--precision",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
         help="arithmetic: auto = float16 on CUDA, bfloat16 on CPUs that compute it natively, "
         "else float32; the others force one",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--compile", action="store_true",
+        "--compile",
+        action="store_true",
         help="torch.compile the training step (about 1.15x on CPU after a minute of compiling)",
-    )  # fmt: skip
+    )
     p.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
     p.add_argument("--seed", type=int, default=0, help="same seed, same run (on one device)")
     p.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True,
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="progress bars and a line per epoch",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--max-train-images", type=int, default=None, help="use only the first N training images"
     )
@@ -261,41 +305,59 @@ def add_export(sub: Subcommands) -> None:
         "--fp16", action="store_true", help="float16 weights and activations (and float input)"
     )
     p.add_argument(
-        "--output", choices=("labels", "logits"), default="labels",
+        "--output",
+        choices=("labels", "logits"),
+        default="labels",
         help="labels: argmax in the graph, uint8 [N,H,W]; logits: the scores [N,C,H,W]",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--input", choices=("uint8", "float"), default="uint8",
+        "--input",
+        choices=("uint8", "float"),
+        default="uint8",
         help="uint8: [N,H,W,3] pixels normalised in the graph; float: [N,3,H,W], by the caller",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--optimize", action=argparse.BooleanOptionalAction, default=False,
+        "--optimize",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="save onnxruntime's basic graph optimisations in the file (measured: no faster on "
         "CPU, slower to load; sessions optimise at load anyway, see docs/benchmarks.md)",
-    )  # fmt: skip
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:
     from segserve.export.onnx_export import export_checkpoint
 
     result = export_checkpoint(
-        args.checkpoint, args.repository, args.name, version=args.version, fp16=args.fp16,
-        output=args.output, input=args.input, force=args.force, optimize=args.optimize,
-    )  # fmt: skip
+        args.checkpoint,
+        args.repository,
+        args.name,
+        version=args.version,
+        fp16=args.fp16,
+        output=args.output,
+        input=args.input,
+        force=args.force,
+        optimize=args.optimize,
+    )
     p = result.parity
     shapes = [
-        ("x".join(map(str, r["shape"])),
-         f"{'-' if r['max_abs_diff'] is None else format(r['max_abs_diff'], '.2e')}  {r['agreement']:.4%}")
+        (
+            "x".join(map(str, r["shape"])),
+            f"{'-' if r['max_abs_diff'] is None else format(r['max_abs_diff'], '.2e')}  {r['agreement']:.4%}",
+        )
         for r in p.per_shape
-    ]  # fmt: skip
+    ]
     summary(shapes, ("shape", "max |dlogits|  agreement"))
     max_abs = p.max_abs_diff if p.max_abs_diff is not None else "-"
-    summary([
-        ("written", result.path), ("file size", f"{result.file_bytes / 1e6:.1f} MB"),
-        ("export time", f"{result.export_s:.1f} s"),
-        ("output", f"{result.card.output} ({result.card.output_dtype})"),
-        ("parity", f"max |dlogits| {max_abs}, agreement {p.agreement:.4%}: passed"),
-    ])  # fmt: skip
+    summary(
+        [
+            ("written", result.path),
+            ("file size", f"{result.file_bytes / 1e6:.1f} MB"),
+            ("export time", f"{result.export_s:.1f} s"),
+            ("output", f"{result.card.output} ({result.card.output_dtype})"),
+            ("parity", f"max |dlogits| {max_abs}, agreement {p.agreement:.4%}: passed"),
+        ]
+    )
     return 0
 
 
@@ -303,25 +365,50 @@ def add_import(sub: Subcommands) -> None:
     help = "bring a segmentation ONNX file from elsewhere into the model repository"
     p = command(sub, "import", run_import, help)
     p.add_argument(
-        "model", type=Path,
+        "model",
+        type=Path,
         help="the ONNX file (e.g. torchvision FCN/DeepLabV3/LRASPP via torch.onnx)",
-    )  # fmt: skip
+    )
     add_version_target(p)
     p.add_argument(
-        "--classes", default=None,
+        "--classes",
+        default=None,
         help="voc (PASCAL VOC's 21), or a JSON file with class_names (and palette); default: "
         "class0.. as many as the output's channels",
-    )  # fmt: skip
-    p.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
-                   help="normalisation of float inputs, 0..1 scale (default: ImageNet's)")  # fmt: skip
-    p.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
-                   help="normalisation of float inputs (default: ImageNet's)")  # fmt: skip
-    p.add_argument("--output-name", default=None,
-                   help="the segmentation output when the graph has several (default: 'out' or the only one)")  # fmt: skip
-    p.add_argument("--input-layout", choices=("NCHW", "NHWC"), default=None,
-                   help="default: from the input's shape (the dimension of size 3)")  # fmt: skip
-    p.add_argument("--size-divisor", type=int, default=1,
-                   help="the stride the network needs its input padded to when batching sizes together")  # fmt: skip
+    )
+    p.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("R", "G", "B"),
+        help="normalisation of float inputs, 0..1 scale (default: ImageNet's)",
+    )
+    p.add_argument(
+        "--std",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("R", "G", "B"),
+        help="normalisation of float inputs (default: ImageNet's)",
+    )
+    p.add_argument(
+        "--output-name",
+        default=None,
+        help="the segmentation output when the graph has several (default: 'out' or the only one)",
+    )
+    p.add_argument(
+        "--input-layout",
+        choices=("NCHW", "NHWC"),
+        default=None,
+        help="default: from the input's shape (the dimension of size 3)",
+    )
+    p.add_argument(
+        "--size-divisor",
+        type=int,
+        default=1,
+        help="the stride the network needs its input padded to when batching sizes together",
+    )
     p.add_argument("--architecture", default="imported", help="a name for the card")
 
 
@@ -329,11 +416,19 @@ def run_import(args: argparse.Namespace) -> int:
     from segserve.export.importer import import_model
 
     folder = import_model(
-        args.model, args.repository, args.name, version=args.version, force=args.force,
-        classes=args.classes, mean=args.mean, std=args.std, output_name=args.output_name,
-        input_layout=args.input_layout, size_divisor=args.size_divisor,
+        args.model,
+        args.repository,
+        args.name,
+        version=args.version,
+        force=args.force,
+        classes=args.classes,
+        mean=args.mean,
+        std=args.std,
+        output_name=args.output_name,
+        input_layout=args.input_layout,
+        size_divisor=args.size_divisor,
         architecture=args.architecture,
-    )  # fmt: skip
+    )
     card = json.loads((folder / "model.json").read_text())
     keys = ("input_name", "input_dtype", "input_layout", "output_name", "output", "num_classes")
     summary([("written", folder / "model.onnx"), *((k, card[k]) for k in keys)])
@@ -349,9 +444,11 @@ def add_predict(sub: Subcommands) -> None:
     p.add_argument("--model", required=True, type=Path, help="PATH.onnx")
     p.add_argument("--out", required=True, type=Path, help="folder for the results")
     p.add_argument(
-        "--format", choices=("png", "overlay"), default="png",
+        "--format",
+        choices=("png", "overlay"),
+        default="png",
         help="png: label PNG (palette mode); overlay: the image with class colours",
-    )  # fmt: skip
+    )
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -367,9 +464,11 @@ def add_serve(sub: Subcommands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: every one)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument(
-        "--repository", type=Path, default=None,
+        "--repository",
+        type=Path,
+        default=None,
         help="default: $SEGSERVE_REPOSITORY or model_repository",
-    )  # fmt: skip
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -390,45 +489,58 @@ def add_bench(sub: Subcommands) -> None:
     p = command(sub, "bench", run_bench, help)
     p.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
     p.add_argument(
-        "--protocol", choices=("segment", "v2"), default="segment",
+        "--protocol",
+        choices=("segment", "v2"),
+        default="segment",
         help="segment: encoded images to POST /segment; v2: UINT8 [1,H,W,3] binary tensors to "
         "/v2/models/MODEL/infer (segserve, Triton, KServe)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--model", default=None, help="model name (v2: required; segment: default model if unset)"
     )
     p.add_argument(
-        "--concurrency", type=int, nargs="+", default=[1, 4, 16],
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16],
         help="closed-loop workers; one run per level",
-    )  # fmt: skip
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     p.add_argument(
-        "--images", type=Path, default=None,
+        "--images",
+        type=Path,
+        default=None,
         help="a folder of images (default: synthetic JPEGs of --sizes)",
-    )  # fmt: skip
+    )
     p.add_argument("--sizes", default="512x512,375x500", help="HxW list for the synthetic images")
     p.add_argument(
         "--format", choices=("png", "json"), default="png", help="segment: the answer format"
     )
     p.add_argument(
-        "--multipart", action="store_true",
+        "--multipart",
+        action="store_true",
         help="segment: send the image as form field 'image' instead of the raw body",
-    )  # fmt: skip
+    )
     p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
     p.add_argument(
-        "--server-pid", type=int, default=None,
+        "--server-pid",
+        type=int,
+        default=None,
         help="a server process on this machine: report its CPU time per request (from /proc)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--json", action="store_true",
+        "--json",
+        action="store_true",
         help="print one JSON object (url, protocol, model, images, runs: one entry per level) "
         "instead of the table",
-    )  # fmt: skip
+    )
     p.add_argument("--json-out", type=Path, default=None, help="also write that JSON here")
     p.add_argument(
-        "--plot", type=Path, default=None,
+        "--plot",
+        type=Path,
+        default=None,
         help="PNG of latency percentiles (log scale) and throughput vs concurrency",
-    )  # fmt: skip
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -445,9 +557,13 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     try:
         results = loadgen.bench(
-            target, args.concurrency, args.duration, images, progress=not args.json,
+            target,
+            args.concurrency,
+            args.duration,
+            images,
+            progress=not args.json,
             server_pid=args.server_pid,
-        )  # fmt: skip
+        )
     except ConnectionError as exc:
         raise UserError(f"cannot reach {args.url}: {exc}") from exc
     report = loadgen.to_json(target, args.duration, images, results)
@@ -487,9 +603,11 @@ def add_bootstrap(sub: Subcommands) -> None:
     help = "rebuild the default model unet-shapes from scratch: data, training, export"
     p = command(sub, "bootstrap", run_bootstrap, help)
     p.add_argument(
-        "--repository", type=Path, default=Path("model_repository"),
+        "--repository",
+        type=Path,
+        default=Path("model_repository"),
         help="where the rebuilt model is exported (as the next version of unet-shapes)",
-    )  # fmt: skip
+    )
     p.add_argument("--work-dir", type=Path, default=Path("."), help="where data/ and runs/ go")
     p.add_argument("--estimate-only", action="store_true", help="say what it would cost, then stop")
 
@@ -516,8 +634,17 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     for add in (add_data_synth, add_data_sbd):
         add(data_sub)
-    for add in (add_train, add_eval, add_export, add_import, add_predict, add_serve, add_bench,
-                add_init, add_bootstrap):  # fmt: skip
+    for add in (
+        add_train,
+        add_eval,
+        add_export,
+        add_import,
+        add_predict,
+        add_serve,
+        add_bench,
+        add_init,
+        add_bootstrap,
+    ):
         add(sub)
     return parser
 

@@ -33,6 +33,7 @@ from segserve.service.telemetry.clock import Stage
 class LoadError(UserError, ValueError):
     """A load test that cannot run as asked (no images, no model for v2, no matplotlib)."""
 
+
 PROTOCOLS = ("segment", "v2")
 
 
@@ -197,8 +198,13 @@ def synthetic_images(
 def folder_images(folder: Path, limit: int = 64) -> list[Payload]:
     from PIL import Image
 
-    types = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
-             ".webp": "image/webp", ".bmp": "image/bmp"}  # fmt: skip
+    types = {
+        ".jpg": "image/jpeg",
+        ".jpeg": "image/jpeg",
+        ".png": "image/png",
+        ".webp": "image/webp",
+        ".bmp": "image/bmp",
+    }
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in types)[:limit]
     if not files:
         raise LoadError(f"no images in {folder}")
@@ -212,11 +218,19 @@ def folder_images(folder: Path, limit: int = 64) -> list[Payload]:
 
 def v2_body(pixels: np.ndarray) -> tuple[bytes, dict[str, str]]:
     """A binary-tensor infer request: UINT8 [1, H, W, 3] in, labels back as binary."""
-    header = json.dumps({
-        "inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *pixels.shape],
-                    "parameters": {"binary_data_size": pixels.nbytes}}],
-        "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
-    }).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "UINT8",
+                    "shape": [1, *pixels.shape],
+                    "parameters": {"binary_data_size": pixels.nbytes},
+                }
+            ],
+            "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     headers = {
         "Content-Type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
@@ -281,8 +295,13 @@ async def run_level(
     statuses: list[int | str] = []
     sizes: list[str] = []
     counter = iter(range(10**12))
-    bar = tqdm(total=round(duration_s), desc=f"concurrency {concurrency}", unit="s",
-               disable=not progress, leave=False)  # fmt: skip
+    bar = tqdm(
+        total=round(duration_s),
+        desc=f"concurrency {concurrency}",
+        unit="s",
+        disable=not progress,
+        leave=False,
+    )
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(target.url, connector=connector, timeout=timeout) as session:
@@ -352,8 +371,10 @@ def bench(
 
 
 def format_table(results: list[RunStats]) -> str:
-    head = (f"{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'ok':>7}"
-            f"{'errors':>16}{'batch':>7}{'cpu ms':>8}  server stages (mean ms)")  # fmt: skip
+    head = (
+        f"{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'ok':>7}"
+        f"{'errors':>16}{'batch':>7}{'cpu ms':>8}  server stages (mean ms)"
+    )
     lines = [head]
     for r in results:
         errors = {k: v for k, v in {**r.status_counts, **r.errors}.items() if k != "200"}

@@ -39,9 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = service
     app.add_middleware(
-        RequestMiddleware, metrics=service.metrics, timeout_s=service.settings.request_timeout_s,
+        RequestMiddleware,
+        metrics=service.metrics,
+        timeout_s=service.settings.request_timeout_s,
         closing=lambda: service.registry.draining,
-    )  # fmt: skip
+    )
     install_error_handlers(app)
     for module in (segment, catalog, health, v2, docs, page):
         app.include_router(module.router)

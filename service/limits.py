@@ -30,9 +30,10 @@ class RequestLimits:
     def check_count(self, count: int) -> None:
         if count > self.max_images:
             raise ServiceError(
-                413, f"{count} images in one request; the limit is {self.max_images}",
+                413,
+                f"{count} images in one request; the limit is {self.max_images}",
                 reason="too_many_images",
-            )  # fmt: skip
+            )
 
     def check_pixels(self, sizes: Sequence[tuple[int, int]]) -> None:
         """`sizes`: (H, W) of each image of one request."""
@@ -40,15 +41,18 @@ class RequestLimits:
         for h, w in sizes:
             if h * w > self.max_image_pixels:
                 raise ServiceError(
-                    413, f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_image_pixels}",
+                    413,
+                    f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_image_pixels}",
                     reason="too_many_pixels",
-                )  # fmt: skip
+                )
         total = sum(h * w for h, w in sizes)
         if total > self.max_request_pixels:
             raise ServiceError(
-                413, f"the request's images have {total} pixels together; the limit is "
-                f"{self.max_request_pixels}", reason="too_many_pixels",
-            )  # fmt: skip
+                413,
+                f"the request's images have {total} pixels together; the limit is "
+                f"{self.max_request_pixels}",
+                reason="too_many_pixels",
+            )
 
 
 class PixelBudget:

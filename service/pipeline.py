@@ -59,9 +59,10 @@ class InferenceService:
         self.registry = ModelRegistry(settings, self.metrics)
         self.budget = PixelBudget(settings.max_inflight_pixels)
         self.limits = RequestLimits(
-            settings.max_images_per_request, settings.max_image_pixels,
+            settings.max_images_per_request,
+            settings.max_image_pixels,
             settings.max_request_pixels,
-        )  # fmt: skip
+        )
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Lease]:
@@ -137,9 +138,11 @@ class InferenceService:
     async def _take(self, lease: Lease, pixels: int, timings: Timings) -> None:
         if not await lease.take(pixels, timings.left()):
             raise ServiceError(
-                503, "busy with other large images: no room for this one's pixels before its deadline",
-                reason="pixel_budget", headers={"Retry-After": "1"},
-            )  # fmt: skip
+                503,
+                "busy with other large images: no room for this one's pixels before its deadline",
+                reason="pixel_budget",
+                headers={"Retry-After": "1"},
+            )
 
     # -- 2. the model ------------------------------------------------------------------
 
@@ -155,9 +158,12 @@ class InferenceService:
         its work dropped) when the deadline passes or the client leaves."""
         if not model.warmed:
             raise ServiceError(
-                503, "the model is not ready", reason="not_ready", code=NOT_READY,
+                503,
+                "the model is not ready",
+                reason="not_ready",
+                code=NOT_READY,
                 headers={"Retry-After": "1"},
-            )  # fmt: skip
+            )
         try:
             jobs = model.batcher.submit(
                 [(im.prepared, im.inference_size) for im in images], timings.deadline, timings
@@ -197,16 +203,21 @@ class InferenceService:
 
     def _deadline_error(self) -> ServiceError:
         return ServiceError(
-            504, f"no result within the {self.settings.request_timeout_s} s deadline",
+            504,
+            f"no result within the {self.settings.request_timeout_s} s deadline",
             reason="deadline",
-        )  # fmt: skip
+        )
 
     # -- 3. the answer -----------------------------------------------------------------
 
     async def render(
-        self, model: ServedModel, image: DecodedImage, labels: np.ndarray, spec: RenderSpec,
+        self,
+        model: ServedModel,
+        image: DecodedImage,
+        labels: np.ndarray,
+        spec: RenderSpec,
         timings: Timings,
-    ) -> tuple[bytes, str]:  # fmt: skip
+    ) -> tuple[bytes, str]:
         """The answer in the asked format, at the image's own size, in one worker hop."""
 
         def work() -> tuple[bytes, str]:
@@ -224,9 +235,12 @@ class InferenceService:
         return await asyncio.to_thread(work)
 
     async def encode_labels(
-        self, images: list[DecodedImage], labels: list[np.ndarray],
-        encode: Callable[[list[np.ndarray]], T], timings: Timings,
-    ) -> T:  # fmt: skip
+        self,
+        images: list[DecodedImage],
+        labels: list[np.ndarray],
+        encode: Callable[[list[np.ndarray]], T],
+        timings: Timings,
+    ) -> T:
         """A protocol's answer (`encode`: labels at the images' own size -> the answer), in
         one worker hop."""
 

@@ -49,11 +49,14 @@ def serve(settings: Settings, host: str, port: int) -> None:
     """Run the service on host:port until signalled."""
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=host, port=port, log_config=None,
+        app,
+        host=host,
+        port=port,
+        log_config=None,
         access_log=False,  # segserve.request logs each request, with its id and timings
         http=guarded_protocol(settings.max_header_bytes, settings.idle_timeout_s),
         # uvicorn's own graceful shutdown: in-flight requests (queued ones included) get up
         # to their deadline; then the app's shutdown drains the batchers.
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
-    )  # fmt: skip
+    )
     DrainingServer(config, app.state.service.registry.drain, settings.shutdown_drain_s).run()

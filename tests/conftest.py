@@ -49,11 +49,17 @@ def pytest_configure(config):
     whole_suite = all(Path(arg).is_dir() for arg in config.args)
     if whole_suite and not config.option.collectonly:
         warm = subprocess.Popen(
-            [sys.executable, "-c", "import sys, helpers; helpers.convert_the_tiny_unet(sys.argv[1])",
-             str(cache)],
-            cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
-            stdout=(cache / "warm.log").open("w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-c",
+                "import sys, helpers; helpers.convert_the_tiny_unet(sys.argv[1])",
+                str(cache),
+            ],
+            cwd=Path(__file__).parent,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=(cache / "warm.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
     config.stash[CONVERSIONS] = (cache, warm)
 
 

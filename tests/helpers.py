@@ -117,9 +117,21 @@ def run_server(repository: Path, tmp_path: Path, wait_ready: bool = True, **sett
     log = tmp_path / f"server-{port}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "segserve.cli", "serve", "--repository", str(repository), "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "segserve.cli",
+                "serve",
+                "--repository",
+                str(repository),
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
         wait_until_up(server.url + ("/readyz" if wait_ready else "/healthz"), proc, 60, log)
@@ -199,5 +211,13 @@ def image_bytes(h: int, w: int, fmt: str = "PNG", seed: int = 0) -> bytes:
 
 def v2_json(base64_images: list[str]) -> dict:
     """A v2 infer request in JSON with a BYTES input of encoded images."""
-    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(base64_images)],
-                        "data": base64_images}]}  # fmt: skip
+    return {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [len(base64_images)],
+                "data": base64_images,
+            }
+        ]
+    }

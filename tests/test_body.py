@@ -30,8 +30,13 @@ def request(headers: dict[str, str], chunks: list[bytes], then_silence: bool = F
             await asyncio.sleep(3600)
         return {"type": "http.disconnect"}
 
-    scope = {"type": "http", "method": "POST", "path": "/segment", "query_string": b"",
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/segment",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
     return Request(scope, receive), received
 
 
@@ -79,8 +84,12 @@ def test_a_client_that_goes_silent_gets_408_after_the_idle_time():
 
 @pytest.mark.parametrize(
     "header, expected",
-    [(None, ""), ("image/PNG", "image/png"), ("multipart/form-data; boundary=x", "multipart/form-data")],
-)  # fmt: skip
+    [
+        (None, ""),
+        ("image/PNG", "image/png"),
+        ("multipart/form-data; boundary=x", "multipart/form-data"),
+    ],
+)
 def test_media_types_are_read_case_insensitively(header, expected):
     req, _ = request({"Content-Type": header} if header else {}, [b""])
     assert media_type(req)[0] == expected
@@ -96,8 +105,13 @@ def test_a_content_type_that_is_no_media_type_is_a_415(header):
 
 def multipart(field: str, filename: str | None, data: bytes, close: bool = True) -> bytes:
     disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename else "")
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n"  # fmt: skip
+    body = (
+        (
+            f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+    )
     return body + (f"--{BOUNDARY}--\r\n".encode() if close else b"")
 
 

@@ -21,8 +21,19 @@ def test_estimate_only_says_this_machine_s_arithmetic_and_minutes_and_trains_not
     # Timed steps of 2 crops instead of the recipe's 16 (an eighth of the cost: the test
     # checks what is said and that nothing is written; the minutes are a rate per image).
     monkeypatch.setitem(RECIPE, "batch_size", 2)
-    assert main(["bootstrap", "--repository", str(tmp_path / "repo"), "--work-dir",
-                 str(tmp_path), "--estimate-only"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bootstrap",
+                "--repository",
+                str(tmp_path / "repo"),
+                "--work-dir",
+                str(tmp_path),
+                "--estimate-only",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     arithmetic = "float32" if autocast_dtype(torch.device("cpu")) is None else "bfloat16"
     minutes = re.search(r"about (\d+) minutes for (\d+) epochs", out)

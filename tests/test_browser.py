@@ -50,8 +50,14 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1250", "--force-device-scale-factor=1"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1250",
+        "--force-device-scale-factor=1",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -108,8 +114,11 @@ def test_the_page_asks_for_the_key_then_segments_an_uploaded_image(server, brows
 
     # What the page shows is what the server answers for the same image and model.
     model = next(m for m in listing["models"] if m["name"] == listing["default"])
-    answer = httpx.post(server.url + "/segment?format=json", content=sample,
-                        headers={**AUTH, "Content-Type": "image/jpeg"}).json()  # fmt: skip
+    answer = httpx.post(
+        server.url + "/segment?format=json",
+        content=sample,
+        headers={**AUTH, "Content-Type": "image/jpeg"},
+    ).json()
     rows = driver.find_elements("css selector", "#legend tbody tr")
     assert [r.find_elements("tag name", "td")[1].text for r in rows] == [
         c["name"] for c in answer["classes"]
@@ -125,8 +134,10 @@ def test_the_page_asks_for_the_key_then_segments_an_uploaded_image(server, brows
         expected[labels == cid] = 40
     assert np.array_equal(canvas_rgb(driver, "labels"), expected)
 
-    timings = [r.find_element("tag name", "td").text
-               for r in driver.find_elements("css selector", "#timings tbody tr")]  # fmt: skip
+    timings = [
+        r.find_element("tag name", "td").text
+        for r in driver.find_elements("css selector", "#timings tbody tr")
+    ]
     assert {"decode", "inference", "total"} <= set(timings)
     for link in ("download-png", "download-json"):
         element = driver.find_element("id", link)
@@ -194,8 +205,12 @@ def test_swagger_ui_renders_offline_with_an_image_upload_for_segment(server, bro
     operation.find_element("css selector", ".opblock-summary").click()
     wait_for(driver, lambda d: d.find_elements("css selector", ".try-out__btn"))[0].click()
     # The request body: a file input for the image (multipart/form-data, the first type).
-    inputs = wait_for(driver, lambda d: d.find_elements(
-        "css selector", "#operations-default-segment_segment_post input[type=file]"))  # fmt: skip
+    inputs = wait_for(
+        driver,
+        lambda d: d.find_elements(
+            "css selector", "#operations-default-segment_segment_post input[type=file]"
+        ),
+    )
     assert inputs
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", inputs[0])
     screenshot(driver, "swagger-ui.png")

@@ -20,8 +20,11 @@ def test_every_option_of_every_command_has_help_text():
     actions = list(walk(build_parser()))
     commands = {path for path, _ in actions}
     assert {("train",), ("serve",), ("data", "synth"), ("data", "sbd"), ("import",)} <= commands
-    missing = [f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}"
-               for path, a in actions if not (a.help or "").strip()]  # fmt: skip
+    missing = [
+        f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}"
+        for path, a in actions
+        if not (a.help or "").strip()
+    ]
     assert not missing, missing
 
 

@@ -26,10 +26,18 @@ from segserve.contracts.repository import (
 
 def card(**changes) -> ModelCard:
     values = dict(
-        name="m", architecture="unet", num_classes=3, class_names=["bg", "a", "b"],
-        palette=[[0, 0, 0], [1, 2, 3], [4, 5, 6]], mean=[0.5] * 3, std=[0.25] * 3,
-        output="labels", size_divisor=16, input_dtype="uint8", input_layout="NHWC",
-    )  # fmt: skip
+        name="m",
+        architecture="unet",
+        num_classes=3,
+        class_names=["bg", "a", "b"],
+        palette=[[0, 0, 0], [1, 2, 3], [4, 5, 6]],
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        output="labels",
+        size_divisor=16,
+        input_dtype="uint8",
+        input_layout="NHWC",
+    )
     return ModelCard.from_dict({**values, **changes})
 
 
@@ -126,18 +134,26 @@ def test_padded_size_rounds_each_side_up_to_the_divisor():
 
 def test_a_checkpoint_becomes_a_card_with_its_stride_scores_and_per_class_iu():
     ckpt = {
-        "architecture": "fcn8s", "model_options": {}, "num_classes": 2,
-        "class_names": ["bg", "cat"], "palette": [[0, 0, 0], [9, 9, 9], [7, 7, 7]],
-        "mean": [0.5] * 3, "std": [0.25] * 3, "trained_on": "data/x",
+        "architecture": "fcn8s",
+        "model_options": {},
+        "num_classes": 2,
+        "class_names": ["bg", "cat"],
+        "palette": [[0, 0, 0], [9, 9, 9], [7, 7, 7]],
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "trained_on": "data/x",
         "metrics": {"mean_iu": 0.5, "pixels": 10, "per_class_iu": [0.9, math.nan]},
         "provenance": {"commit": "abc", "arithmetic": "float32"},
-    }  # fmt: skip
+    }
     made = ModelCard.from_checkpoint(ckpt, name="m", version=2, output="labels")
     assert made.size_divisor == 32 and made.palette == [[0, 0, 0], [9, 9, 9]]
     assert made.metrics == {
-        "pixel_accuracy": None, "mean_accuracy": None, "mean_iu": 0.5, "fw_iu": None,
+        "pixel_accuracy": None,
+        "mean_accuracy": None,
+        "mean_iu": 0.5,
+        "fw_iu": None,
         "per_class_iu": {"bg": 0.9, "cat": None},  # NaN (absent class) is not JSON
-    }  # fmt: skip
+    }
     assert made.provenance == {"commit": "abc", "arithmetic": "float32"}
     assert ModelCard.from_dict(json.loads(made.to_json())) == made
 
@@ -157,9 +173,11 @@ def test_a_card_is_read_from_the_file_first_and_from_model_json_beside_it_else(t
 def tiny_onnx() -> onnx.ModelProto:
     node = onnx.helper.make_node("Identity", ["x"], ["y"])
     graph = onnx.helper.make_graph(
-        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
-    )  # fmt: skip
+    )
     return onnx.helper.make_model(graph)
 
 

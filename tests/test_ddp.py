@@ -25,14 +25,27 @@ def run_two_workers(launcher: str, train_args: list[str], log_dir: Path) -> None
     """`segserve train` in two processes of one process group, both finished."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "segserve.cli", *train_args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "segserve.cli",
+            *train_args,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return
     # What torchrun sets for each worker of a one-node group (the env:// rendezvous).
-    group = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(free_port())}  # fmt: skip
+    group = {
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     logs = [log_dir / f"rank{rank}.log" for rank in range(2)]
     workers = [
         subprocess.Popen(
@@ -40,7 +53,7 @@ def run_two_workers(launcher: str, train_args: list[str], log_dir: Path) -> None
             env={**env, **group, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=logs[rank].open("w"),
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
         for rank in range(2)
     ]
     try:
@@ -67,11 +80,32 @@ def test_two_processes_train_one_model_and_score_every_val_image_once(
     sets.joinpath("val.txt").write_text("\n".join(val_ids) + "\n")
 
     out = tmp_path / "run"
-    run_two_workers(launcher, [
-        "train", "--data", str(data), "--model", "unet", "--width", "8", "--out", str(out),
-        "--epochs", "1", "--batch-size", "2", "--crop-size", "64", "--workers", "0",
-        "--device", "cpu", "--no-progress",
-    ], tmp_path)  # fmt: skip
+    run_two_workers(
+        launcher,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            "unet",
+            "--width",
+            "8",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--crop-size",
+            "64",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
 
     ckpt = load_checkpoint(out / "best.pt")
     labelled = sum(int((np.asarray(t) != 255).sum()) for _, t in VOCSegmentation(data, "val"))

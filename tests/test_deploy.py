@@ -96,7 +96,13 @@ def parse_with_compose_spec(doc: dict):
 )
 def test_compose_files_parse_as_the_compose_specification(files):
     parsed = parse_with_compose_spec(compose(*files))
-    assert set(parsed.service_names()) == {"segserve", "dcgm-exporter", "prometheus", "alertmanager", "grafana"}  # fmt: skip
+    assert set(parsed.service_names()) == {
+        "segserve",
+        "dcgm-exporter",
+        "prometheus",
+        "alertmanager",
+        "grafana",
+    }
 
 
 def test_compose_refuses_to_start_without_its_secrets():
@@ -137,9 +143,10 @@ def test_compose_is_hardened_and_monitoring_is_independent_and_local():
 
 def manifests() -> dict[str, dict]:
     return {
-        p.name: yaml.safe_load(p.read_text()) for p in sorted(KUBE.glob("*.yaml"))
+        p.name: yaml.safe_load(p.read_text())
+        for p in sorted(KUBE.glob("*.yaml"))
         if p.name != "kustomization.yaml"
-    }  # fmt: skip
+    }
 
 
 def test_kubernetes_manifests_validate_against_kubernetes_schemas():
@@ -273,8 +280,10 @@ def test_hadolint_passes():
         pytest.skip("hadolint is not installed (the essentials test above still runs)")
     result = subprocess.run(
         [hadolint, "--config", ".hadolint.yaml", "docker/Dockerfile.gpu", "docker/Dockerfile.cpu"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -315,12 +324,18 @@ def local_prometheus_config(
 
 def test_promtool_and_amtool_accept_the_shipped_configuration(tmp_path):
     config = local_prometheus_config(tmp_path, "127.0.0.1:1", "127.0.0.1:2", 3, "t")
-    for args in (["check", "config", str(config)],
-                 ["check", "rules", "docker/prometheus/rules.yml", "docker/prometheus/gpu-rules.yml"]):  # fmt: skip
+    for args in (
+        ["check", "config", str(config)],
+        ["check", "rules", "docker/prometheus/rules.yml", "docker/prometheus/gpu-rules.yml"],
+    ):
         result = subprocess.run([tool("promtool"), *args], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-    result = subprocess.run([tool("amtool"), "check-config", "docker/alertmanager/alertmanager.yml"],
-                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [tool("amtool"), "check-config", "docker/alertmanager/alertmanager.yml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -357,8 +372,19 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def test_dashboard_has_the_panels_and_variables_users_need():
     titles = " | ".join(p["title"] for p in dashboard()["panels"]).lower()
-    for word in ("status", "p99", "stage", "batch size", "queue depth", "rejections", "image sizes",
-                 "gpu utilisation", "gpu memory", "predicted wait", "padding"):  # fmt: skip
+    for word in (
+        "status",
+        "p99",
+        "stage",
+        "batch size",
+        "queue depth",
+        "rejections",
+        "image sizes",
+        "gpu utilisation",
+        "gpu memory",
+        "predicted wait",
+        "padding",
+    ):
         assert word in titles, word
     assert {v["name"] for v in dashboard()["templating"]["list"]} == {"model", "instance"}
     latency = next(p for p in dashboard()["panels"] if "p99" in p["title"])
@@ -413,11 +439,19 @@ def stack(tiny_repository, tmp_path_factory):
     )
     server = server_cm.__enter__()
     try:
-        procs.append(subprocess.Popen(
-            [alertmanager, f"--config.file={tmp / 'alertmanager.yml'}", f"--storage.path={tmp / 'am'}",
-             f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address="],
-            stdout=(tmp / "am.log").open("w"), stderr=subprocess.STDOUT,
-        ))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [
+                    alertmanager,
+                    f"--config.file={tmp / 'alertmanager.yml'}",
+                    f"--storage.path={tmp / 'am'}",
+                    f"--web.listen-address=127.0.0.1:{am_port}",
+                    "--cluster.listen-address=",
+                ],
+                stdout=(tmp / "am.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         config = local_prometheus_config(
             tmp,
             server.url.removeprefix("http://"),
@@ -428,11 +462,18 @@ def stack(tiny_repository, tmp_path_factory):
                 "SegserveTargetDown",
             ),  # seconds, not a minute: the shipped wait is asserted
         )
-        procs.append(subprocess.Popen(
-            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=(tmp / "prometheus.log").open("w"), stderr=subprocess.STDOUT,
-        ))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                stdout=(tmp / "prometheus.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         api = f"http://127.0.0.1:{prom_port}/api/v1"
         wait_for(
             lambda: query(api, 'up{job="segserve"}')["result"][0]["value"][1] == "1",
@@ -511,10 +552,23 @@ def test_a_stopped_segserve_fires_target_down_and_it_reaches_the_receiver(stack)
     server.proc.wait(60)
     wait_for(lambda: query(api, 'up{job="segserve"} == 0')["result"], 30, tmp / "prometheus.log")
     assert rules()["SegserveTargetDown"]["for"] == "1m"  # as shipped; 0s in this test's copy
-    wait_for(lambda: any(a["labels"]["alertname"] == "SegserveTargetDown" and a["state"] in ("pending", "firing")
-                         for a in httpx.get(f"{api}/alerts", timeout=10).json()["data"]["alerts"]), 30, tmp / "prometheus.log")  # fmt: skip
-    wait_for(lambda: any(a["labels"]["alertname"] == "SegserveTargetDown"
-                         for msg in Receiver.received for a in msg["alerts"]), 120, tmp / "am.log")  # fmt: skip
+    wait_for(
+        lambda: any(
+            a["labels"]["alertname"] == "SegserveTargetDown" and a["state"] in ("pending", "firing")
+            for a in httpx.get(f"{api}/alerts", timeout=10).json()["data"]["alerts"]
+        ),
+        30,
+        tmp / "prometheus.log",
+    )
+    wait_for(
+        lambda: any(
+            a["labels"]["alertname"] == "SegserveTargetDown"
+            for msg in Receiver.received
+            for a in msg["alerts"]
+        ),
+        120,
+        tmp / "am.log",
+    )
     message = next(
         m
         for m in Receiver.received

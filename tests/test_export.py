@@ -65,8 +65,18 @@ def test_export_writes_a_versioned_model_with_metadata(unet_export):
     assert card["class_names"] == ["background", "class1", "class2", "class3"]
     assert json.loads(meta["mean"]) == IMAGENET_MEAN and json.loads(meta["std"]) == IMAGENET_STD
     assert json.loads(meta["metrics"])["mean_iu"] == 0.7
-    for key in ("name", "architecture", "num_classes", "input_layout", "output", "size_divisor", "trained_on",
-                "exported_at", "torch_version", "opset"):  # fmt: skip
+    for key in (
+        "name",
+        "architecture",
+        "num_classes",
+        "input_layout",
+        "output",
+        "size_divisor",
+        "trained_on",
+        "exported_at",
+        "torch_version",
+        "opset",
+    ):
         assert key in meta and key in card
     # The default: uint8 pixels in (normalised in the graph), uint8 labels out.
     assert (meta["input_dtype"], meta["input_layout"], meta["output"]) == (
@@ -173,9 +183,14 @@ def test_the_logits_variant_keeps_the_scores_and_its_argmax_is_the_labels_varian
 
 def test_the_float_input_variant_is_the_older_kind_of_model(unet_ckpt, unet_net, tmp_path):
     result = export_checkpoint(
-        unet_ckpt, tmp_path, "old", input="float", output="logits", parity_shapes=FAST_SHAPES,
+        unet_ckpt,
+        tmp_path,
+        "old",
+        input="float",
+        output="logits",
+        parity_shapes=FAST_SHAPES,
         log=lambda *_: None,
-    )  # fmt: skip
+    )
     assert (result.card.input_dtype, result.card.input_layout) == ("float32", "NCHW")
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(float)"
@@ -187,9 +202,14 @@ def test_the_float_input_variant_is_the_older_kind_of_model(unet_ckpt, unet_net,
 
 def test_fp16_variant_states_its_types_and_reports_parity(unet_ckpt, tmp_path):
     result = export_checkpoint(
-        unet_ckpt, tmp_path, "half", fp16=True, output="logits", parity_shapes=FAST_SHAPES,
+        unet_ckpt,
+        tmp_path,
+        "half",
+        fp16=True,
+        output="logits",
+        parity_shapes=FAST_SHAPES,
         log=lambda *_: None,
-    )  # fmt: skip
+    )
     assert result.card.input_dtype == "uint8" and result.card.output_dtype == "float16"
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     assert session.get_outputs()[0].type == "tensor(float16)"

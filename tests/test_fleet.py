@@ -71,13 +71,24 @@ class Replica:
 
     def start(self) -> None:
         env = {
-            **os.environ, "SEGSERVE_WARMUP_SHAPES": "64x64", "SEGSERVE_INTRA_OP_THREADS": "1",
-            "SEGSERVE_SHUTDOWN_DRAIN_S": str(DRAIN_S), "SEGSERVE_REPOSITORY_POLL_S": "1",
-        }  # fmt: skip
+            **os.environ,
+            "SEGSERVE_WARMUP_SHAPES": "64x64",
+            "SEGSERVE_INTRA_OP_THREADS": "1",
+            "SEGSERVE_SHUTDOWN_DRAIN_S": str(DRAIN_S),
+            "SEGSERVE_REPOSITORY_POLL_S": "1",
+        }
         self.starts += 1
         log = (self.tmp / f"{self.name}-{self.starts}.log").open("w")
-        cmd = [sys.executable, "-m", "segserve.cli", "serve", "--repository",
-               str(self.repository), "--port", str(self.port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "segserve.cli",
+            "serve",
+            "--repository",
+            str(self.repository),
+            "--port",
+            str(self.port),
+        ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def ready(self) -> bool:
@@ -133,8 +144,9 @@ backend segserve
   http-after-response set-header X-Served-By %[srv_name]
 {servers}
 """)
-        self.proc = subprocess.Popen([HAPROXY, "-f", str(config), "-db"],
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [HAPROXY, "-f", str(config), "-db"], stdout=self.log.open("w"), stderr=subprocess.STDOUT
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def status(self) -> dict[str, str]:
@@ -179,19 +191,32 @@ backend segserve
 class Prometheus:
     def __init__(self, replicas: list[Replica], tmp: Path) -> None:
         self.port = free_port()
-        targets = [{"targets": [f"127.0.0.1:{r.port}"],
-                    "labels": {"namespace": NAMESPACE, "pod": f"segserve-{r.name}"}}
-                   for r in replicas]  # fmt: skip
+        targets = [
+            {
+                "targets": [f"127.0.0.1:{r.port}"],
+                "labels": {"namespace": NAMESPACE, "pod": f"segserve-{r.name}"},
+            }
+            for r in replicas
+        ]
         config = tmp / "prometheus.yml"
-        config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "segserve", "static_configs": targets}],
-        }))  # fmt: skip
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [{"job_name": "segserve", "static_configs": targets}],
+                }
+            )
+        )
         self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=(tmp / "prometheus.log").open("w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=(tmp / "prometheus.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
         self.api = f"http://127.0.0.1:{self.port}/api/v1"
 
     def query(self, expr: str) -> list:
@@ -235,10 +260,19 @@ class Load:
                 rid = f"{self.run}-c{number}-{sent}"
                 t0 = time.monotonic()
                 try:
-                    r = client.post("/segment", content=self.payload,
-                                    headers={"Content-Type": "image/png", "X-Request-ID": rid})  # fmt: skip
-                    outcome = Outcome(t0, time.monotonic(), r.status_code, r.headers.get("x-served-by", ""),
-                                      r.headers.get("x-model-version", ""), rid)  # fmt: skip
+                    r = client.post(
+                        "/segment",
+                        content=self.payload,
+                        headers={"Content-Type": "image/png", "X-Request-ID": rid},
+                    )
+                    outcome = Outcome(
+                        t0,
+                        time.monotonic(),
+                        r.status_code,
+                        r.headers.get("x-served-by", ""),
+                        r.headers.get("x-model-version", ""),
+                        rid,
+                    )
                 except httpx.HTTPError as exc:
                     outcome = Outcome(
                         t0, time.monotonic(), f"{type(exc).__name__}: {exc}", request_id=rid
@@ -272,9 +306,10 @@ def latency_ms(outcomes: list[Outcome]) -> dict[str, float]:
 def render(template: str, series: str, matchers: str, group_by: str) -> str:
     """prometheus-adapter's metricsQuery template, filled as the adapter fills it."""
     return (
-        template.replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers)
+        template.replace("<<.Series>>", series)
+        .replace("<<.LabelMatchers>>", matchers)
         .replace("<<.GroupBy>>", group_by)
-    )  # fmt: skip
+    )
 
 
 # -- the fleet -------------------------------------------------------------------------
@@ -330,15 +365,22 @@ def test_a_rolling_restart_under_load_loses_no_request(fleet):
                 r.start()
                 wait_for(r.ready, 120, f"{r.name} ready again")
                 wait_for(lambda r=r: balancer.up(r.name), 30, f"haproxy sees {r.name} up")
-                restarts.append({"replica": r.name, "stop_s": round(stopped - t0, 2),
-                                 "back_up_s": round(time.monotonic() - stopped, 2)})  # fmt: skip
+                restarts.append(
+                    {
+                        "replica": r.name,
+                        "stop_s": round(stopped - t0, 2),
+                        "back_up_s": round(time.monotonic() - stopped, 2),
+                    }
+                )
     failed = failures(load.outcomes)
     report["rolling_restart"] = {
-        "restarts": len(restarts), "requests": len(load.outcomes), "failed": len(failed),
+        "restarts": len(restarts),
+        "requests": len(load.outcomes),
+        "failed": len(failed),
         "latency_ms": latency_ms(load.outcomes),
         "served_by": {r.name: sum(o.served_by == r.name for o in load.outcomes) for r in replicas},
         "restart_s": restarts,
-    }  # fmt: skip
+    }
     assert len(restarts) == ROUNDS * REPLICAS
     assert failed == [], [(o.status, o.served_by) for o in failed[:10]]
 
@@ -347,8 +389,11 @@ def test_a_killed_replica_fails_only_what_it_held(fleet):
     replicas, balancer, _, _, report = fleet
     victim = replicas[0]
     with Load(balancer.url, 8, PAYLOAD) as load:
-        wait_for(lambda: sum(o.served_by == victim.name for o in load.outcomes) >= 5, 60,
-                 "the victim serving")  # fmt: skip
+        wait_for(
+            lambda: sum(o.served_by == victim.name for o in load.outcomes) >= 5,
+            60,
+            "the victim serving",
+        )
         failed_before = len(balancer.failed_on())
         victim.stop(signal.SIGKILL)
         dead = time.monotonic()  # the process is gone (reaped): nothing reaches it any more
@@ -361,18 +406,20 @@ def test_a_killed_replica_fails_only_what_it_held(fleet):
     failed = failures(load.outcomes)
     haproxy_failed = balancer.failed_on()[failed_before:]
     report["sigkill"] = {
-        "requests": len(load.outcomes), "failed": len(failed),
+        "requests": len(load.outcomes),
+        "failed": len(failed),
         "failed_statuses": sorted({str(o.status) for o in failed}),
         "failed_on_servers": haproxy_failed,
         "marked_down_after_death_s": round(marked_down - dead, 2),
         "latency_ms": latency_ms(load.outcomes),
-    }  # fmt: skip
+    }
     # Only requests in flight on the victim when it died: sent before it was gone, failed as
     # it died, at most the clients' concurrency, answered by no other replica (their logs
     # name every request they answered), and where haproxy logged the failure, on the victim.
     # None sent after that: until haproxy marked it down, refused connections were retried.
-    survivors = " ".join(p.read_text() for r in replicas if r is not victim
-                         for p in r.tmp.glob(f"{r.name}-*.log"))  # fmt: skip
+    survivors = " ".join(
+        p.read_text() for r in replicas if r is not victim for p in r.tmp.glob(f"{r.name}-*.log")
+    )
     assert len(failed) <= 8
     for o in failed:
         assert o.started < dead and o.ended < dead + 2, o
@@ -396,18 +443,27 @@ def test_a_new_version_rolls_across_the_fleet_without_an_error(fleet):
         wait_for(switched, 120, "every replica answering with version 2")
         time.sleep(1)
     failed = failures(load.outcomes)
-    first_v2 = {r.name: min((o.ended for o in load.outcomes if o.served_by == r.name
-                             and o.version == "2"), default=None) for r in replicas}  # fmt: skip
+    first_v2 = {
+        r.name: min(
+            (o.ended for o in load.outcomes if o.served_by == r.name and o.version == "2"),
+            default=None,
+        )
+        for r in replicas
+    }
     report["new_version"] = {
-        "requests": len(load.outcomes), "failed": len(failed),
+        "requests": len(load.outcomes),
+        "failed": len(failed),
         "switched_after_s": {k: round(v - published, 2) for k, v in first_v2.items()},
         "latency_ms": latency_ms(load.outcomes),
-    }  # fmt: skip
+    }
     assert failed == []
     for r in replicas:  # once a replica has answered with v2, what it gets later is v2 too
         switched_by = first_v2[r.name]
-        late_v1 = [o for o in load.outcomes
-                   if o.served_by == r.name and o.version == "1" and o.started > switched_by]  # fmt: skip
+        late_v1 = [
+            o
+            for o in load.outcomes
+            if o.served_by == r.name and o.version == "1" and o.started > switched_by
+        ]
         assert switched_by is not None and late_v1 == [], (r.name, late_v1[:3])
 
 
@@ -420,8 +476,12 @@ def test_the_shipped_autoscaling_queries_follow_the_load(fleet):
     target = float(metric["pods"]["target"]["averageValue"].removesuffix("m")) / 1000
     (rule,) = [r for r in rules["rules"] if r["name"]["as"] == metric["pods"]["metric"]["name"]]
     pods = "|".join(f"segserve-{r.name}" for r in replicas)
-    adapter = render(rule["metricsQuery"], rule["seriesQuery"].split("{")[0],
-                     f'namespace="{NAMESPACE}",pod=~"{pods}"', "pod")  # fmt: skip
+    adapter = render(
+        rule["metricsQuery"],
+        rule["seriesQuery"].split("{")[0],
+        f'namespace="{NAMESPACE}",pod=~"{pods}"',
+        "pod",
+    )
     trigger = keda["spec"]["triggers"][0]["metadata"]
     threshold = float(trigger["threshold"])
 
@@ -443,11 +503,20 @@ def test_the_shipped_autoscaling_queries_follow_the_load(fleet):
         under_load = decisions()
     wait_for(lambda: decisions()["hpa_desired"] < REPLICAS, 90, "the adapter's query falling")
     after = decisions()
-    report["autoscaling"] = {"target_s": target, "keda_threshold_s": threshold,
-                             "under_load": under_load, "after": after,
-                             "requests": len(load.outcomes), "failed": len(failures(load.outcomes))}  # fmt: skip
+    report["autoscaling"] = {
+        "target_s": target,
+        "keda_threshold_s": threshold,
+        "under_load": under_load,
+        "after": after,
+        "requests": len(load.outcomes),
+        "failed": len(failures(load.outcomes)),
+    }
     assert under_load["hpa_desired"] > REPLICAS and under_load["keda_desired"] > REPLICAS
     assert after["hpa_desired"] < REPLICAS and after["keda_desired"] < REPLICAS
-    queued = render(rules["rules"][1]["metricsQuery"], "segserve_queued_pixels",
-                    f'namespace="{NAMESPACE}",pod=~"{pods}"', "pod")  # fmt: skip
+    queued = render(
+        rules["rules"][1]["metricsQuery"],
+        "segserve_queued_pixels",
+        f'namespace="{NAMESPACE}",pod=~"{pods}"',
+        "pod",
+    )
     assert len(prometheus.query(queued)) == REPLICAS  # the second rule evaluates per pod too

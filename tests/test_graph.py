@@ -17,11 +17,20 @@ def network() -> onnx.ModelProto:
     four classes' logits out, N, H and W symbolic as the exporter leaves them."""
     conv = helper.make_node("Conv", ["image", "weight"], ["logits"])
     g = helper.make_graph(
-        [conv], "net",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4, "height", "width"])],
+        [conv],
+        "net",
+        [
+            helper.make_tensor_value_info(
+                "image", TensorProto.FLOAT, ["batch", 3, "height", "width"]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(
+                "logits", TensorProto.FLOAT, ["batch", 4, "height", "width"]
+            )
+        ],
         initializer=[numpy_helper.from_array(WEIGHT, "weight")],
-    )  # fmt: skip
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
 

@@ -49,21 +49,105 @@ def test_the_server_serves_after_the_whole_corpus(app):
 @pytest.mark.parametrize(
     "request_json, detail",
     [
-        ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [0, -1, 2]}]}, "0..255"),
-        ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [0, 300, 2]}]}, "0..255"),
-        ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [0.5, 1, 2]}]}, "integers"),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "UINT8",
+                        "shape": [1, 1, 1, 3],
+                        "data": [0, -1, 2],
+                    }
+                ]
+            },
+            "0..255",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "UINT8",
+                        "shape": [1, 1, 1, 3],
+                        "data": [0, 300, 2],
+                    }
+                ]
+            },
+            "0..255",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "UINT8",
+                        "shape": [1, 1, 1, 3],
+                        "data": [0.5, 1, 2],
+                    }
+                ]
+            },
+            "integers",
+        ),
         ({"inputs": [5]}, "inputs.0"),
-        ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "parameters": "x"}]}, "parameters"),
+        (
+            {
+                "inputs": [
+                    {"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "parameters": "x"}
+                ]
+            },
+            "parameters",
+        ),
         ([1], "request"),
         ({"inputs": [], "outputs": 5}, "inputs"),
-        ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}], "outputs": 5}, "outputs"),
-        ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}],
-          "outputs": [{"name": "logits"}]}, "unknown output"),
-        ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}]}, "UINT8 or BYTES"),
-        ({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}]}, "no input named"),
-        ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 1, 1, 3], "data": []}]}, "shape"),
+        (
+            {
+                "inputs": [
+                    {"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}
+                ],
+                "outputs": 5,
+            },
+            "outputs",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}
+                ],
+                "outputs": [{"name": "logits"}],
+            },
+            "unknown output",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "image", "datatype": "FP32", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}
+                ]
+            },
+            "UINT8 or BYTES",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "UINT8",
+                        "shape": [1, 1, 1, 3],
+                        "data": [1, 2, 3],
+                    }
+                ]
+            },
+            "no input named",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "image", "datatype": "UINT8", "shape": [-1, 1, 1, 3], "data": []}
+                ]
+            },
+            "shape",
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_v2_requests_get_400_not_500(app, request_json, detail):
     r = app.post("/v2/models/tiny/infer", content=json.dumps(request_json).encode())
     assert r.status_code == 400, r.text
@@ -78,8 +162,18 @@ def test_deeply_nested_v2_json_is_a_400_not_a_recursion_error(app):
 
 def test_binary_v2_data_must_be_exactly_what_the_inputs_declare(app):
     pixels = np.zeros((1, 4, 4, 3), np.uint8)
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 4, 4, 3],
-                                     "parameters": {"binary_data_size": pixels.nbytes}}]}).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "UINT8",
+                    "shape": [1, 4, 4, 3],
+                    "parameters": {"binary_data_size": pixels.nbytes},
+                }
+            ]
+        }
+    ).encode()
     head = {"Inference-Header-Content-Length": str(len(header))}
     ok = app.post("/v2/models/tiny/infer", content=header + pixels.tobytes(), headers=head)
     assert ok.status_code == 200
@@ -200,10 +294,20 @@ def test_a_client_that_leaves_while_queued_costs_no_inference(tiny_repository):
         async def record(message):
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/segment", "raw_path": b"/segment", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"image/png"), (b"host", b"t")],
-                 "client": ("127.0.0.1", 1), "server": ("t", 80)}  # fmt: skip
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/segment",
+            "raw_path": b"/segment",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"image/png"), (b"host", b"t")],
+            "client": ("127.0.0.1", 1),
+            "server": ("t", 80),
+        }
         with held_engine(app) as held:
             first = post_later(app, "/segment", content=image_bytes(16, 16), headers=PNG)
             assert held.running.wait(30)

@@ -24,9 +24,16 @@ def rgb():
 
 @pytest.mark.parametrize(
     "fmt, kw",
-    [("PNG", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True}), ("JPEG", {"quality": 95}),
-     ("JPEG", {"quality": 95, "progressive": True}), ("GIF", {})],
-)  # fmt: skip
+    [
+        ("PNG", {}),
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("WEBP", {"lossless": True}),
+        ("JPEG", {"quality": 95}),
+        ("JPEG", {"quality": 95, "progressive": True}),
+        ("GIF", {}),
+    ],
+)
 def test_common_formats_decode_to_rgb_at_their_own_size(rgb, fmt, kw):
     image = Image.fromarray(rgb)
     if fmt == "GIF":

@@ -34,9 +34,15 @@ def lraspp(tmp_path_factory):
     # The TorchScript exporter, as most exports in the wild were made (2 s here; the dynamo
     # exporter takes 40 s for this net and names the output after its last node).
     torch.onnx.export(
-        net, (torch.randn(1, 3, 96, 128),), str(path), input_names=["x"], output_names=["out"],
-        dynamic_axes={"x": dynamic, "out": dynamic}, opset_version=17, dynamo=False,
-    )  # fmt: skip
+        net,
+        (torch.randn(1, 3, 96, 128),),
+        str(path),
+        input_names=["x"],
+        output_names=["out"],
+        dynamic_axes={"x": dynamic, "out": dynamic},
+        opset_version=17,
+        dynamo=False,
+    )
     return net, path
 
 
@@ -57,8 +63,21 @@ def test_an_imported_model_serves_labels_equal_to_pytorchs(lraspp, tmp_path):
     classes = tmp_path / "classes.json"
     classes.write_text(json.dumps({"class_names": ["bg", "a", "b", "c", "d"]}))
     repo = tmp_path / "repo"
-    assert main(["import", str(path), "--repository", str(repo), "--name", "lraspp",
-                 "--classes", str(classes)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "import",
+                str(path),
+                "--repository",
+                str(repo),
+                "--name",
+                "lraspp",
+                "--classes",
+                str(classes),
+            ]
+        )
+        == 0
+    )
     assert (repo / "lraspp" / "1" / "model.json").is_file()
     rgb = (np.random.default_rng(1).random((75, 101, 3)) * 255).astype(np.uint8)
     buf = io.BytesIO()
@@ -80,9 +99,11 @@ def test_an_imported_model_serves_labels_equal_to_pytorchs(lraspp, tmp_path):
 def graph(dims_in, dims_out, outputs=("out",)) -> onnx.ModelProto:
     nodes = [helper.make_node("Identity", ["image"], [o]) for o in outputs]
     g = helper.make_graph(
-        nodes, "foreign", [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims_in)],
+        nodes,
+        "foreign",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims_in)],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, dims_out) for o in outputs],
-    )  # fmt: skip
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -92,11 +113,15 @@ def graph(dims_in, dims_out, outputs=("out",)) -> onnx.ModelProto:
         (graph(["N", 3, 520, 520], ["N", 3, 520, 520]), {}, "fixed height/width"),
         (graph(["N", 3, "H", "W"], ["N", 3]), {}, "rank 2"),
         (graph(["N", 3, "H", "W"], ["N", 3, "H", "W"], ("a", "b")), {}, "--output-name"),
-        (graph(["N", 3, "H", "W"], ["N", 3, "H", "W"], ("a", "b")), {"output_name": "c"}, "no output 'c'"),
+        (
+            graph(["N", 3, "H", "W"], ["N", 3, "H", "W"], ("a", "b")),
+            {"output_name": "c"},
+            "no output 'c'",
+        ),
         (graph(["N", 3, "H", 3], ["N", 3, "H", 3]), {}, "--input-layout"),
         (graph(["N", 3, "H", "W"], ["N", "H", "W"]), {}, "--classes"),  # labels: how many?
     ],
-)  # fmt: skip
+)
 def test_files_that_cannot_be_served_are_refused_saying_what_to_pass(
     tmp_path, model, options, message
 ):

@@ -17,12 +17,20 @@ PACKAGE = "segserve.service"
 
 # Lower rank = higher layer; a module may import from its own rank or a higher number.
 RANKS = {
-    "app": 0, "server": 0, "predict": 0,
-    "web": 1, "protocols": 1,
-    "pipeline": 2, "limits": 2,
-    "runtime": 3, "media": 3, "batching": 3, "settings": 3,
-    "errors": 4, "telemetry": 4,
-}  # fmt: skip
+    "app": 0,
+    "server": 0,
+    "predict": 0,
+    "web": 1,
+    "protocols": 1,
+    "pipeline": 2,
+    "limits": 2,
+    "runtime": 3,
+    "media": 3,
+    "batching": 3,
+    "settings": 3,
+    "errors": 4,
+    "telemetry": 4,
+}
 
 
 def module_name(path: Path) -> str:
@@ -60,9 +68,7 @@ def test_every_module_of_the_service_belongs_to_a_layer():
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SERVICE)))
 def test_imports_go_down_the_layers_only(path):
     own = layer_of(module_name(path))
-    upward = sorted(
-        m for m in service_imports(path) if RANKS[layer_of(m)] < RANKS[own]
-    )
+    upward = sorted(m for m in service_imports(path) if RANKS[layer_of(m)] < RANKS[own])
     assert not upward, f"{own} (rank {RANKS[own]}) imports a higher layer: {upward}"
 
 

@@ -130,8 +130,21 @@ def test_v2_requests_carry_binary_uint8_tensors(stub):
 def test_bench_cli_prints_one_json_object_and_a_plot(stub, tmp_path, capsys):
     _, url = stub
     plot = tmp_path / "bench.png"
-    args = ["bench", "--url", url, "--concurrency", "1", "2", "--duration", "0.5",
-            "--sizes", "40x40", "--json", "--plot", str(plot)]  # fmt: skip
+    args = [
+        "bench",
+        "--url",
+        url,
+        "--concurrency",
+        "1",
+        "2",
+        "--duration",
+        "0.5",
+        "--sizes",
+        "40x40",
+        "--json",
+        "--plot",
+        str(plot),
+    ]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["url"] == url and report["images"] == ["40x40"]

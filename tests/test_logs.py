@@ -31,8 +31,11 @@ def test_json_logs_have_one_line_per_request_with_its_id_model_and_stages(
 ):
     configure("json")  # the handler writes to stderr, which capsys holds
     with in_process(tiny_repository) as app:
-        ok = app.post("/segment", content=image_bytes(32, 48),
-                      headers={"Content-Type": "image/png", "X-Request-ID": "trace-1"})  # fmt: skip
+        ok = app.post(
+            "/segment",
+            content=image_bytes(32, 48),
+            headers={"Content-Type": "image/png", "X-Request-ID": "trace-1"},
+        )
         refused = app.post(
             "/segment", content=b"plain text", headers={"Content-Type": "text/plain"}
         )
@@ -57,8 +60,11 @@ def test_json_logs_have_one_line_per_request_with_its_id_model_and_stages(
 def test_text_logs_are_one_readable_line_per_request(tiny_repository, capsys, restored_logging):
     configure("text")
     with in_process(tiny_repository) as app:
-        app.post("/segment", content=image_bytes(32, 48),
-                 headers={"Content-Type": "image/png", "X-Request-ID": "trace-2"})  # fmt: skip
+        app.post(
+            "/segment",
+            content=image_bytes(32, 48),
+            headers={"Content-Type": "image/png", "X-Request-ID": "trace-2"},
+        )
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "request_id=trace-2" in x]
     assert "segserve.request: request" in line
     assert "status=200" in line and "model=tiny" in line and "stages_ms=decode:" in line

@@ -68,9 +68,11 @@ def test_route_labels_are_templates_and_unmatched_paths_share_one_label():
 def test_request_ids_are_made_or_kept_when_they_are_safe():
     app, _ = make_app()
     made, kept, unsafe = call(
-        app, ("/items/a", {}), ("/items/a", {"X-Request-ID": "abc"}),
+        app,
+        ("/items/a", {}),
+        ("/items/a", {"X-Request-ID": "abc"}),
         ("/items/a", {"X-Request-ID": "a b\x7f" + "x" * 200}),
-    )  # fmt: skip
+    )
     assert len(made.headers["x-request-id"]) == 32 and kept.headers["x-request-id"] == "abc"
     assert unsafe.headers["x-request-id"] != "a b\x7f" + "x" * 200
 
@@ -80,7 +82,8 @@ def test_each_request_has_one_clock_whose_stages_feed_the_stage_metric():
     (r,) = call(app, ("/items/a", {}))
     assert r.json()["deadline_in"] == 7.0  # the deadline counts from arrival
     (sample,) = [
-        s for s in samples(metrics, "segserve_stage_duration_seconds_count")
+        s
+        for s in samples(metrics, "segserve_stage_duration_seconds_count")
         if s.labels == {"model": "m", "stage": "decode"}
-    ]  # fmt: skip
+    ]
     assert sample.value == 1.0

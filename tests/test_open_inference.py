@@ -29,9 +29,16 @@ def binary_request(inputs: list[dict], data: bytes, **top) -> tuple[bytes, str]:
 def test_uint8_pixels_in_binary_form_become_an_n_h_w_3_array():
     pixels = np.arange(2 * 3 * 5 * 3, dtype=np.uint8).reshape(2, 3, 5, 3)
     body, length = binary_request(
-        [{"name": "image", "datatype": "UINT8", "shape": [2, 3, 5, 3],
-          "parameters": {"binary_data_size": pixels.nbytes}}], pixels.tobytes(),
-    )  # fmt: skip
+        [
+            {
+                "name": "image",
+                "datatype": "UINT8",
+                "shape": [2, 3, 5, 3],
+                "parameters": {"binary_data_size": pixels.nbytes},
+            }
+        ],
+        pixels.tobytes(),
+    )
     request, image = parse_infer(body, length, LIMITS)
     assert np.array_equal(image, pixels) and request.inputs[0].name == "image"
 
@@ -49,9 +56,16 @@ def test_bytes_images_come_as_length_prefixed_binary_or_base64_json():
     blobs = [b"\x89PNG one", b"jpeg two"]
     raw = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
     body, length = binary_request(
-        [{"name": "image", "datatype": "BYTES", "shape": [2],
-          "parameters": {"binary_data_size": len(raw)}}], raw,
-    )  # fmt: skip
+        [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [2],
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ],
+        raw,
+    )
     assert parse_infer(body, length, LIMITS)[1] == blobs
     data = [base64.b64encode(b).decode() for b in blobs]
     body = json.dumps(
@@ -64,15 +78,51 @@ def test_bytes_images_come_as_length_prefixed_binary_or_base64_json():
     "inputs, data, status, detail",
     [
         ([{"name": "image", "datatype": "UINT8", "shape": [5, 2, 2, 3]}], None, 413, "5 images"),
-        ([{"name": "image", "datatype": "UINT8", "shape": [1, 200, 200, 3], "data": [0]}], None, 413, "limit is 10000"),
-        ([{"name": "image", "datatype": "UINT8", "shape": [3, 90, 90, 3], "data": [0]}], None, 413, "together"),
-        ([{"name": "image", "datatype": "UINT8", "shape": [1, 2, 2], "data": [0]}], None, 400, "[N, H, W, 3]"),
-        ([{"name": "image", "datatype": "FP32", "shape": [1, 2, 2, 3], "data": [0]}], None, 400, "UINT8 or BYTES"),
-        ([{"name": "other", "datatype": "UINT8", "shape": [1]}], None, 400, "no input named 'image'"),
-        ([{"name": "image", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 6}}],
-         struct.pack("<I", 9) + b"ab", 400, "truncated"),
+        (
+            [{"name": "image", "datatype": "UINT8", "shape": [1, 200, 200, 3], "data": [0]}],
+            None,
+            413,
+            "limit is 10000",
+        ),
+        (
+            [{"name": "image", "datatype": "UINT8", "shape": [3, 90, 90, 3], "data": [0]}],
+            None,
+            413,
+            "together",
+        ),
+        (
+            [{"name": "image", "datatype": "UINT8", "shape": [1, 2, 2], "data": [0]}],
+            None,
+            400,
+            "[N, H, W, 3]",
+        ),
+        (
+            [{"name": "image", "datatype": "FP32", "shape": [1, 2, 2, 3], "data": [0]}],
+            None,
+            400,
+            "UINT8 or BYTES",
+        ),
+        (
+            [{"name": "other", "datatype": "UINT8", "shape": [1]}],
+            None,
+            400,
+            "no input named 'image'",
+        ),
+        (
+            [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": 6},
+                }
+            ],
+            struct.pack("<I", 9) + b"ab",
+            400,
+            "truncated",
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_or_oversized_requests_are_4xx_with_a_reason(inputs, data, status, detail):
     if data is None:
         body, length = json.dumps({"inputs": inputs}).encode(), None
@@ -85,9 +135,16 @@ def test_malformed_or_oversized_requests_are_4xx_with_a_reason(inputs, data, sta
 
 def test_the_binary_part_must_be_exactly_what_the_inputs_declare():
     body, length = binary_request(
-        [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 1, 3],
-          "parameters": {"binary_data_size": 3}}], b"abcd",
-    )  # fmt: skip
+        [
+            {
+                "name": "image",
+                "datatype": "UINT8",
+                "shape": [1, 1, 1, 3],
+                "parameters": {"binary_data_size": 3},
+            }
+        ],
+        b"abcd",
+    )
     with pytest.raises(ServiceError, match="binary data is 4 bytes; the inputs declare 3"):
         parse_request(body, length)
     with pytest.raises(ServiceError, match="does not fit the body"):
@@ -96,9 +153,15 @@ def test_the_binary_part_must_be_exactly_what_the_inputs_declare():
 
 def test_answers_are_binary_tensors_or_json_as_the_request_asks():
     labels = [np.array([[0, 1], [2, 3]], np.uint8)]
-    binary = json.dumps({"id": "r1", "inputs": [{"name": "image", "datatype": "UINT8",
-                         "shape": [1, 2, 2, 3], "data": [0] * 12}],
-                         "outputs": [{"name": "labels", "parameters": {"binary_data": True}}]})  # fmt: skip
+    binary = json.dumps(
+        {
+            "id": "r1",
+            "inputs": [
+                {"name": "image", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": [0] * 12}
+            ],
+            "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
+        }
+    )
     request, _ = parse_infer(binary.encode(), None, LIMITS)
     body, media, headers = infer_response("m", 3, request, labels)
     size = int(headers["Inference-Header-Content-Length"])

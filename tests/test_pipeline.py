@@ -69,7 +69,9 @@ def test_large_pixels_run_scaled_down_and_come_back_at_their_own_size(tiny_repos
             images = await svc.from_pixels(pixels, model, timings, lease)
             labels = await svc.segment(model, images, timings)
             answer = await svc.encode_labels(
-                images, labels, partial(infer_response, model.name, model.version, request),
+                images,
+                labels,
+                partial(infer_response, model.name, model.version, request),
                 timings,
             )
         return images, labels, answer, timings
@@ -100,8 +102,14 @@ def test_what_cannot_be_served_is_refused_before_any_pixel_is_decoded(
             await svc.decode(blobs, svc.registry.get(None), Timings(30), lease)
 
     with pytest.raises(ServiceError) as caught:
-        serve(tiny_repository, steps, image_formats="png", max_image_pixels=5000,
-              max_request_pixels=5000, max_inflight_pixels=5000)  # fmt: skip
+        serve(
+            tiny_repository,
+            steps,
+            image_formats="png",
+            max_image_pixels=5000,
+            max_request_pixels=5000,
+            max_inflight_pixels=5000,
+        )
     assert caught.value.status == status
     assert reason.lower() in caught.value.detail.lower() or reason == "bad image"
 

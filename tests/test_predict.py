@@ -21,8 +21,12 @@ def test_predict_writes_exactly_what_segment_answers_even_for_scaled_images(
     with in_process(tiny_repository, **limits) as app:
         for (name, data), label, overlay in zip(images.items(), labels, overlays, strict=True):
             for fmt, written in (("png", label), ("overlay", overlay)):
-                r = app.post("/segment", params={"format": fmt, "model": "tiny", "version": 2},
-                             content=data, headers={"Content-Type": "image/png"})  # fmt: skip
+                r = app.post(
+                    "/segment",
+                    params={"format": fmt, "model": "tiny", "version": 2},
+                    content=data,
+                    headers={"Content-Type": "image/png"},
+                )
                 assert r.status_code == 200
                 assert written.read_bytes() == r.content, (name, fmt)
         large = app.post(

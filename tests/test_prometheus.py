@@ -16,9 +16,11 @@ def test_timings_feed_the_stage_histogram_with_the_model_label():
     metrics.observe_stages(timings, "m")
     text = generate_latest(metrics.registry).decode()
     (count,) = [
-        s for f in text_string_to_metric_families(text) for s in f.samples
+        s
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
         if s.name == "segserve_stage_duration_seconds_count"
-    ]  # fmt: skip
+    ]
     assert count.labels == {"model": "m", "stage": "encode"} and count.value == 1
 
 
@@ -41,8 +43,13 @@ def test_saturation_is_read_at_each_scrape_and_two_versions_of_a_name_add_up():
     metrics = ServiceMetrics()
     metrics.follow(lambda: [("m", s) for s in now.values()])
     found = families(metrics)
-    value = {f: found[f].samples[0].value for f in found if f.startswith("segserve_")
-             and found[f].samples and found[f].samples[0].labels == {"model": "m"}}  # fmt: skip
+    value = {
+        f: found[f].samples[0].value
+        for f in found
+        if f.startswith("segserve_")
+        and found[f].samples
+        and found[f].samples[0].labels == {"model": "m"}
+    }
     assert value["segserve_queue_depth"] == 3 and value["segserve_queued_pixels"] == 2100
     assert value["segserve_running_pixels"] == 500
     assert value["segserve_batch_capacity_pixels"] == 16000

@@ -27,8 +27,11 @@ def test_fcn_defaults_are_the_authors_solvers_per_stage():
     n = VOC_PIXELS
     fcn32 = config("fcn32s")
     assert (fcn32.optimizer, fcn32.momentum, fcn32.weight_decay, fcn32.batch_size) == (
-        "sgd", 0.99, 5e-4, 1,
-    )  # fmt: skip
+        "sgd",
+        0.99,
+        5e-4,
+        1,
+    )
     assert (fcn32.bias_lr_mult, fcn32.bias_decay, fcn32.poly_power) == (2.0, False, 0.0)
     assert fcn32.lr == pytest.approx(1e-10 * n)  # 1.875e-5 on the mean loss
     assert config("fcn16s", init_from="c.pt").lr == pytest.approx(1e-12 * n)
@@ -108,8 +111,12 @@ def test_at_once_is_recorded_and_rebuilt_from_the_checkpoint():
         model, options = build_network(config("fcn8s", backbone_weights="none"), 3)
         _, options32 = build_network(config("fcn32s", backbone_weights="none"), 3)
     assert options == {"at_once": True} and model.at_once
-    ckpt = {"architecture": "fcn8s", "num_classes": 3, "model_options": options,
-            "state_dict": model.state_dict()}  # fmt: skip
+    ckpt = {
+        "architecture": "fcn8s",
+        "num_classes": 3,
+        "model_options": options,
+        "state_dict": model.state_dict(),
+    }
     with torch.device("meta"):
         assert model_from_checkpoint(ckpt).at_once
     assert options32 == {}

@@ -28,10 +28,16 @@ from segserve.service.media.render import (
 from segserve.service.telemetry.clock import Timings
 
 CARD = ModelCard(
-    name="m", architecture="unet", num_classes=3, class_names=["bg", "cat", "dog"],
-    palette=[[0, 0, 0], [200, 0, 0], [0, 200, 0]], mean=[0.5] * 3, std=[0.5] * 3,
-    output="labels", size_divisor=16,
-)  # fmt: skip
+    name="m",
+    architecture="unet",
+    num_classes=3,
+    class_names=["bg", "cat", "dog"],
+    palette=[[0, 0, 0], [200, 0, 0], [0, 200, 0]],
+    mean=[0.5] * 3,
+    std=[0.5] * 3,
+    output="labels",
+    size_divisor=16,
+)
 LABELS = np.array([[0, 1, 1], [2, 2, 2]], np.uint8)
 RGB = np.full((2, 3, 3), 100, np.uint8)
 

@@ -22,8 +22,10 @@ def write_sbd_mat(path, label: np.ndarray) -> None:
     boundaries = np.empty((20, 1), object)  # a cell array of sparse maps in SBD; empty here
     for k in range(20):
         boundaries[k, 0] = np.zeros((0, 0))
-    savemat(path, {"GTcls": {"Segmentation": label, "Boundaries": boundaries,
-                             "CategoriesPresent": present}})  # fmt: skip
+    savemat(
+        path,
+        {"GTcls": {"Segmentation": label, "Boundaries": boundaries, "CategoriesPresent": present}},
+    )
 
 
 def label_of(seed: int, h: int = 24, w: int = 32) -> np.ndarray:
@@ -89,10 +91,16 @@ def test_the_paper_split_is_written_in_voc_layout(folders):
 def test_the_cli_writes_the_split_and_says_what_is_missing(folders, tmp_path):
     sbd, voc, out = folders
     cli = [sys.executable, "-m", "segserve.cli", "data", "sbd"]
-    ok = subprocess.run([*cli, "--sbd", str(sbd), "--voc", str(voc), "--out", str(out)],
-                        capture_output=True, text=True)  # fmt: skip
+    ok = subprocess.run(
+        [*cli, "--sbd", str(sbd), "--voc", str(voc), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "train (sbd train - voc val)" in ok.stdout
-    bad = subprocess.run([*cli, "--sbd", str(tmp_path), "--voc", str(voc), "--out", str(out)],
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [*cli, "--sbd", str(tmp_path), "--voc", str(voc), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "not SBD's dataset/ folder" in bad.stderr

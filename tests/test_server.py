@@ -41,11 +41,15 @@ def test_tritonclient_round_trip(server):
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in payloads])
     with server.client() as c:
         singles = [
-            np.asarray(Image.open(io.BytesIO(
-                c.post("/segment", content=p, headers={"Content-Type": "image/png"}).content
-            )))
+            np.asarray(
+                Image.open(
+                    io.BytesIO(
+                        c.post("/segment", content=p, headers={"Content-Type": "image/png"}).content
+                    )
+                )
+            )
             for p in payloads
-        ]  # fmt: skip
+        ]
     for binary in (True, False):
         inp = triton.InferInput("image", list(pixels.shape), "UINT8")
         inp.set_data_from_numpy(pixels, binary_data=binary)
@@ -182,8 +186,22 @@ def test_service_and_cli_import_without_torch():
 def test_bench_speaks_v2_binary_tensors_to_the_live_server(server, capsys):
     from segserve.cli import main
 
-    args = ["bench", "--url", server.url, "--protocol", "v2", "--model", "tiny",
-            "--concurrency", "2", "--duration", "1", "--sizes", "48x64,40x40", "--json"]  # fmt: skip
+    args = [
+        "bench",
+        "--url",
+        server.url,
+        "--protocol",
+        "v2",
+        "--model",
+        "tiny",
+        "--concurrency",
+        "2",
+        "--duration",
+        "1",
+        "--sizes",
+        "48x64,40x40",
+        "--json",
+    ]
     assert main(args) == 0
     (run,) = json.loads(capsys.readouterr().out)["runs"]
     assert run["ok"] > 0 and run["ok"] == run["requests"]
@@ -203,9 +221,13 @@ def raw_exchange(sock: socket.socket, request: bytes, timeout: float = 10) -> tu
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     length = next(
-        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        ),
         0,
-    )  # fmt: skip
+    )
     while len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:
@@ -215,8 +237,10 @@ def raw_exchange(sock: socket.socket, request: bytes, timeout: float = 10) -> tu
 
 
 def post(path: str, body: bytes, content_type: str = "image/png") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 @pytest.fixture(scope="module")
@@ -249,16 +273,32 @@ def odd_width_fails(folder):
         helper.make_node("Reshape", ["paired", "shape"], ["back"]),
         helper.make_node("BitShift", ["back", "six"], ["labels"], direction="RIGHT"),
     ]
-    inits = [helper.make_tensor("axis", T.INT64, [1], [3]), helper.make_tensor("six", T.UINT8, [], [6]),
-             helper.make_tensor("pairs", T.INT64, [4], [0, 0, -1, 2])]  # fmt: skip
+    inits = [
+        helper.make_tensor("axis", T.INT64, [1], [3]),
+        helper.make_tensor("six", T.UINT8, [], [6]),
+        helper.make_tensor("pairs", T.INT64, [4], [0, 0, -1, 2]),
+    ]
     graph = helper.make_graph(
-        nodes, "fails", [helper.make_tensor_value_info("image", T.UINT8, ["N", "H", "W", 3])],
-        [helper.make_tensor_value_info("labels", T.UINT8, ["N", "H", "W"])], initializer=inits,
-    )  # fmt: skip
+        nodes,
+        "fails",
+        [helper.make_tensor_value_info("image", T.UINT8, ["N", "H", "W", 3])],
+        [helper.make_tensor_value_info("labels", T.UINT8, ["N", "H", "W"])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    card = ModelCard(name="fails", architecture="test", num_classes=4, class_names=list("abcd"),
-                     palette=[[0, 0, 0]] * 4, mean=[0.5] * 3, std=[0.5] * 3, output="labels",
-                     size_divisor=2, input_dtype="uint8", input_layout="NHWC")  # fmt: skip
+    card = ModelCard(
+        name="fails",
+        architecture="test",
+        num_classes=4,
+        class_names=list("abcd"),
+        palette=[[0, 0, 0]] * 4,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        output="labels",
+        size_divisor=2,
+        input_dtype="uint8",
+        input_layout="NHWC",
+    )
     for k, v in card.to_metadata().items():
         model.metadata_props.add(key=k, value=v)
     onnx.save(model, str(folder / "model.onnx"))
@@ -298,8 +338,12 @@ def test_slow_senders_are_cut_off(guarded):
 def test_a_provider_named_but_missing_stops_the_server_and_auto_says_which_it_runs_on(
     tiny_repository, tmp_path
 ):
-    env = {**os.environ, "SEGSERVE_REPOSITORY": str(tiny_repository), "SEGSERVE_PROVIDERS": "cuda",
-           "SEGSERVE_WARMUP_SHAPES": "32x32"}  # fmt: skip
+    env = {
+        **os.environ,
+        "SEGSERVE_REPOSITORY": str(tiny_repository),
+        "SEGSERVE_PROVIDERS": "cuda",
+        "SEGSERVE_WARMUP_SHAPES": "32x32",
+    }
     cmd = [sys.executable, "-m", "segserve.cli", "serve", "--port", str(free_port())]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0

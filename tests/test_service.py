@@ -247,9 +247,17 @@ def test_health_readiness_and_metrics_exposition(app):
     assert app.get("/readyz").json()["status"] == "ready"
     text = app.get("/metrics").text
     names = {f.name for f in text_string_to_metric_families(text)}
-    for name in ("segserve_requests", "segserve_request_duration_seconds", "segserve_stage_duration_seconds", "segserve_batch_size",
-                 "segserve_queue_depth", "segserve_inflight_requests", "segserve_image_pixels", "segserve_rejected",
-                 "segserve_model_info"):  # fmt: skip
+    for name in (
+        "segserve_requests",
+        "segserve_request_duration_seconds",
+        "segserve_stage_duration_seconds",
+        "segserve_batch_size",
+        "segserve_queue_depth",
+        "segserve_inflight_requests",
+        "segserve_image_pixels",
+        "segserve_rejected",
+        "segserve_model_info",
+    ):
         assert name in names, name
     infos = [s.labels for s in metric_samples(text)["segserve_model_info"]]
     assert {"model": "tiny", "version": "2", "provider": "cpu", "architecture": "unet"} in infos
@@ -298,17 +306,49 @@ def test_bad_files_sent_among_good_ones_change_nothing_for_the_good_ones(app, re
 def test_parameter_and_routing_errors(app):
     data = image_bytes(16, 16)
     cases = [
-        (app.post("/segment", params={"model": "nope"}, content=data, headers=PNG), 404, "not_found"),
+        (
+            app.post("/segment", params={"model": "nope"}, content=data, headers=PNG),
+            404,
+            "not_found",
+        ),
         (app.post("/segment", params={"version": 7}, content=data, headers=PNG), 404, "not_found"),
-        (app.post("/segment", params={"format": "gif"}, content=data, headers=PNG), 422, "invalid_parameters"),
-        (app.post("/segment", params={"format": "json", "masks": "unicorn"}, content=data, headers=PNG), 422, "invalid_parameters"),
-        (app.post("/segment", params={"format": "json", "masks": "\u00b2"}, content=data, headers=PNG), 422, "invalid_parameters"),
-        (app.post("/segment", params={"masks": "all"}, content=data, headers=PNG), 422, "invalid_parameters"),
-        (app.post("/segment", content=data, headers={"Content-Type": "application/json"}), 415, "unsupported_media_type"),
-        (app.post("/segment", files={"other": ("x.png", data, "image/png")}), 422, "invalid_parameters"),
+        (
+            app.post("/segment", params={"format": "gif"}, content=data, headers=PNG),
+            422,
+            "invalid_parameters",
+        ),
+        (
+            app.post(
+                "/segment", params={"format": "json", "masks": "unicorn"}, content=data, headers=PNG
+            ),
+            422,
+            "invalid_parameters",
+        ),
+        (
+            app.post(
+                "/segment", params={"format": "json", "masks": "\u00b2"}, content=data, headers=PNG
+            ),
+            422,
+            "invalid_parameters",
+        ),
+        (
+            app.post("/segment", params={"masks": "all"}, content=data, headers=PNG),
+            422,
+            "invalid_parameters",
+        ),
+        (
+            app.post("/segment", content=data, headers={"Content-Type": "application/json"}),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            app.post("/segment", files={"other": ("x.png", data, "image/png")}),
+            422,
+            "invalid_parameters",
+        ),
         (app.get("/models/nope"), 404, "not_found"),
         (app.get("/segment"), 405, "method_not_allowed"),
-    ]  # fmt: skip
+    ]
     for r, status, code in cases:
         assert r.status_code == status, (r.request.url, r.text)
         assert r.json()["error"] == code and r.json()["detail"]
@@ -424,10 +464,16 @@ def test_bodies_over_the_limit_get_413_before_they_are_read_whole(tiny_repositor
 def test_api_key_guards_inference_models_spec_and_metrics_but_not_probes(tiny_repository):
     with in_process(tiny_repository, api_key="s3cret", metrics_token="scrape") as app:
         data = image_bytes(16, 16)
-        for r in (app.post("/segment", content=data, headers=PNG), app.get("/models"), app.get("/v2/models/tiny"),
-                  app.get("/v2"), app.get("/openapi.json"), app.get("/metrics"),
-                  app.post("/segment", content=data, headers={**PNG, "Authorization": "Bearer wrong"}),
-                  app.get("/models", headers={"Authorization": "Bearer scrape"})):  # fmt: skip
+        for r in (
+            app.post("/segment", content=data, headers=PNG),
+            app.get("/models"),
+            app.get("/v2/models/tiny"),
+            app.get("/v2"),
+            app.get("/openapi.json"),
+            app.get("/metrics"),
+            app.post("/segment", content=data, headers={**PNG, "Authorization": "Bearer wrong"}),
+            app.get("/models", headers={"Authorization": "Bearer scrape"}),
+        ):
             assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.request.url
             assert r.headers["www-authenticate"] == "Bearer"
         key = {"Authorization": "Bearer s3cret"}
@@ -446,11 +492,19 @@ def test_api_key_guards_inference_models_spec_and_metrics_but_not_probes(tiny_re
 
 
 def v2_binary_request(pixels: np.ndarray) -> tuple[bytes, dict]:
-    header = json.dumps({
-        "inputs": [{"name": "image", "datatype": "UINT8", "shape": list(pixels.shape),
-                    "parameters": {"binary_data_size": pixels.nbytes}}],
-        "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
-    }).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "UINT8",
+                    "shape": list(pixels.shape),
+                    "parameters": {"binary_data_size": pixels.nbytes},
+                }
+            ],
+            "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     return header + pixels.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -466,8 +520,17 @@ def test_v2_infer_in_binary_and_json_through_the_same_path(app, reference):
     labels = np.frombuffer(r.content[size:], np.uint8).reshape(2, 48, 64)
     for p, lab in zip(payloads, labels, strict=True):
         assert np.array_equal(lab, reference(p))
-    encoded = {"id": "x1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                       "data": [base64.b64encode(payloads[0]).decode()]}]}  # fmt: skip
+    encoded = {
+        "id": "x1",
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(payloads[0]).decode()],
+            }
+        ],
+    }
     out = app.post("/v2/models/tiny/versions/1/infer", json=encoded).json()
     assert out["id"] == "x1" and out["model_version"] == "1"
     old = np.array(out["outputs"][0]["data"]).reshape(48, 64)
@@ -476,8 +539,16 @@ def test_v2_infer_in_binary_and_json_through_the_same_path(app, reference):
 
 def test_a_bad_image_through_v2_is_refused_and_counted_like_one_through_segment(app):
     before = rejected(app).get("bad_image", 0)
-    bad = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                       "data": [base64.b64encode(b"not an image").decode()]}]}  # fmt: skip
+    bad = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(b"not an image").decode()],
+            }
+        ]
+    }
     r = app.post("/v2/models/tiny/infer", json=bad)
     assert r.status_code == 400 and r.json()["error"] == "bad_request"
     assert rejected(app)["bad_image"] == before + 1

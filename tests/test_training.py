@@ -150,10 +150,21 @@ def _overfit_folder(synth_root, tmp_path, n=4):
 
 def _config(data, out, **changes) -> TrainConfig:
     values = dict(
-        data=data, out=out, model="unet", width=8, batch_norm=True, optimizer="adamw", lr=0.01,
-        weight_decay=0.0, batch_size=4, crop_size=96, scale=(1, 1), workers=0, progress=False,
+        data=data,
+        out=out,
+        model="unet",
+        width=8,
+        batch_norm=True,
+        optimizer="adamw",
+        lr=0.01,
+        weight_decay=0.0,
+        batch_size=4,
+        crop_size=96,
+        scale=(1, 1),
+        workers=0,
+        progress=False,
         device="cpu",
-    )  # fmt: skip
+    )
     return TrainConfig(**{**values, **changes})
 
 
@@ -298,9 +309,25 @@ def test_every_train_flag_is_a_config_field_and_the_cli_builds_the_same_config(t
     from segserve.cli import build_parser
 
     args = build_parser().parse_args(
-        ["train", "--data", "d", "--model", "fcn16s", "--out", str(tmp_path), "--lr", "1e-3",
-         "--scale", "1", "2", "--precision", "float32", "--init-from", "x.pt"]
-    )  # fmt: skip
+        [
+            "train",
+            "--data",
+            "d",
+            "--model",
+            "fcn16s",
+            "--out",
+            str(tmp_path),
+            "--lr",
+            "1e-3",
+            "--scale",
+            "1",
+            "2",
+            "--precision",
+            "float32",
+            "--init-from",
+            "x.pt",
+        ]
+    )
     flags = set(vars(args)) - {"command", "func"}
     assert flags == {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig.from_mapping(vars(args))

@@ -23,8 +23,12 @@ def wait_until(condition, seconds: float = 30) -> None:
 
 def failures(app) -> dict[tuple[str, str], float]:
     text = app.get("/metrics").text
-    return {(s.labels["model"], s.labels["version"]): s.value for f in text_string_to_metric_families(text)
-            for s in f.samples if s.name == "segserve_model_load_failures"}  # fmt: skip
+    return {
+        (s.labels["model"], s.labels["version"]): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "segserve_model_load_failures"
+    }
 
 
 def test_new_versions_take_over_and_removed_ones_leave_without_a_failed_request(

@@ -29,18 +29,33 @@ class CheckpointError(UserError, ValueError):
 
 
 def checkpoint_fields(
-    model: nn.Module, architecture: str, model_options: dict, class_names: list[str],
-    palette: list[list[int]], metrics: dict | None = None, trained_on: str = "unknown",
-    mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD, **extra,
-) -> dict:  # fmt: skip
+    model: nn.Module,
+    architecture: str,
+    model_options: dict,
+    class_names: list[str],
+    palette: list[list[int]],
+    metrics: dict | None = None,
+    trained_on: str = "unknown",
+    mean: list[float] = IMAGENET_MEAN,
+    std: list[float] = IMAGENET_STD,
+    **extra,
+) -> dict:
     """What a checkpoint holds: the weights and every field the model card is made of
     (ModelCard.from_checkpoint reads them), plus `extra` (epoch, optimiser state, ...)."""
     return dict(
-        architecture=architecture, model_options=model_options, num_classes=len(class_names),
-        class_names=list(class_names), palette=palette, mean=mean, std=std,
-        state_dict=model.state_dict(), metrics=metrics or {}, trained_on=trained_on,
-        torch_version=str(torch.__version__), **extra,
-    )  # fmt: skip
+        architecture=architecture,
+        model_options=model_options,
+        num_classes=len(class_names),
+        class_names=list(class_names),
+        palette=palette,
+        mean=mean,
+        std=std,
+        state_dict=model.state_dict(),
+        metrics=metrics or {},
+        trained_on=trained_on,
+        torch_version=str(torch.__version__),
+        **extra,
+    )
 
 
 def save_checkpoint(path: Path, **fields) -> None:

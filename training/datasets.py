@@ -73,10 +73,11 @@ class VOCSegmentation:
         if not self.ids:
             raise DatasetError(f"{split_file} lists no images")
         missing = [
-            i for i in self.ids
+            i
+            for i in self.ids
             if not (self.root / "JPEGImages" / f"{i}.jpg").is_file()
             or not (self.root / "SegmentationClass" / f"{i}.png").is_file()
-        ]  # fmt: skip
+        ]
         if missing:
             raise DatasetError(
                 f"{len(missing)} of {len(self.ids)} images in {split_file.name} lack a JPEGImages/ID.jpg "

@@ -72,7 +72,10 @@ def segmentation_scores(matrix) -> dict:
     pixel_accuracy = float(diag.sum() / total) if total else math.nan
     fw_iu = float((truth[present] * per_class_iu[present]).sum() / total) if total else math.nan
     values = (pixel_accuracy, nanmean(per_class_acc), nanmean(per_class_iu), fw_iu)
-    return {**dict(zip(SCORES, values, strict=True)), "per_class_iu": [float(v) for v in per_class_iu]}
+    return {
+        **dict(zip(SCORES, values, strict=True)),
+        "per_class_iu": [float(v) for v in per_class_iu],
+    }
 
 
 def border_background_errors(pred, target, width: int = 4) -> tuple[int, int]:

@@ -22,12 +22,18 @@ def git_commit(folder: Path = SOURCE) -> str | None:
     try:
         commit = subprocess.run(
             ["git", "-C", str(folder), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
@@ -75,9 +81,13 @@ def data_description(root: Path) -> dict:
 
 
 def record(
-    device: torch.device, amp_dtype: torch.dtype | None, world: int, config: dict, data: Path,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    world: int,
+    config: dict,
+    data: Path,
     argv: list[str] | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """The provenance of a run (taken once, when it starts: the git and /proc reads cost more
     than a tiny epoch); `config` is the run's TrainConfig (JSON), `data` its data folder. The
     checkpoint adds `train_seconds` as it goes."""

@@ -31,16 +31,32 @@ PAPER_SUM_LR = {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14}
 AT_ONCE_SUM_LR = 1e-10
 
 FCN_COMMON: dict[str, Any] = dict(
-    optimizer="sgd", momentum=0.99, weight_decay=5e-4, batch_size=1, loss="mean",
-    bias_lr_mult=2.0, bias_decay=False, poly_power=0.0,  # 0: a fixed rate, as the solvers
+    optimizer="sgd",
+    momentum=0.99,
+    weight_decay=5e-4,
+    batch_size=1,
+    loss="mean",
+    bias_lr_mult=2.0,
+    bias_decay=False,
+    poly_power=0.0,  # 0: a fixed rate, as the solvers
     class_weighting="none",
-    crop_size=512, scale=(1.0, 1.0),  # whole VOC images (<= 500 px), padded with ignore
-)  # fmt: skip
+    crop_size=512,
+    scale=(1.0, 1.0),  # whole VOC images (<= 500 px), padded with ignore
+)
 UNET: dict[str, Any] = dict(
-    optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=8, loss="mean",
-    bias_lr_mult=1.0, bias_decay=True, poly_power=0.9, crop_size=256, scale=(0.5, 2.0),
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=5e-4,
+    batch_size=8,
+    loss="mean",
+    bias_lr_mult=1.0,
+    bias_decay=True,
+    poly_power=0.9,
+    crop_size=256,
+    scale=(0.5, 2.0),
     class_weighting="none",
-)  # fmt: skip
+)
 
 
 def fcn_sum_lr(model: str, staged: bool) -> float:

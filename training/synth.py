@@ -19,8 +19,16 @@ from PIL import Image, ImageDraw, ImageFilter
 from segserve.contracts.palette import IGNORE_LABEL, pil_palette, voc_palette
 
 SYNTH_CLASSES = (
-    "background", "disc", "ring", "square", "triangle", "star", "cross", "bar", "hexagon",
-)  # fmt: skip
+    "background",
+    "disc",
+    "ring",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "bar",
+    "hexagon",
+)
 # Each class has its own texture (and shape); the texture's two colours are drawn from the
 # same range for every class, so colour alone never decides the class.
 CLASS_TEXTURES = {

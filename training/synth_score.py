@@ -36,7 +36,9 @@ def score_segmenter(segment: Callable[[bytes], np.ndarray], config: SynthConfig)
         wrong, background = wrong + w, background + b
     scores = segmentation_scores(cm.matrix)
     return {
-        "images": config.count, "seed": config.seed, **{k: scores[k] for k in SCORES},
+        "images": config.count,
+        "seed": config.seed,
+        **{k: scores[k] for k in SCORES},
         "per_class_iu": dict(zip(SYNTH_CLASSES, scores["per_class_iu"], strict=True)),
         "border_background_wrong": wrong / max(background, 1),
-    }  # fmt: skip
+    }

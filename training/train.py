@@ -283,9 +283,17 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
 
 def train_one_epoch(
-    net: nn.Module, loader, criterion, optimizer, scheduler, scaler, device,
-    amp_dtype: torch.dtype | None, desc: str, progress: bool,
-) -> tuple[float, int]:  # fmt: skip
+    net: nn.Module,
+    loader,
+    criterion,
+    optimizer,
+    scheduler,
+    scaler,
+    device,
+    amp_dtype: torch.dtype | None,
+    desc: str,
+    progress: bool,
+) -> tuple[float, int]:
     """One pass over the training set; (mean loss per image, images seen)."""
     from tqdm import tqdm
 
@@ -334,10 +342,16 @@ def train(cfg: TrainConfig) -> dict:
     val_sampler = EvalShard(len(val_set), rank, world) if world > 1 else None
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
-        num_workers=cfg.workers, drop_last=len(train_set) >= cfg.batch_size * world,
-        worker_init_fn=seed_worker, generator=g, persistent_workers=cfg.workers > 0,
-    )  # fmt: skip
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=train_sampler is None,
+        sampler=train_sampler,
+        num_workers=cfg.workers,
+        drop_last=len(train_set) >= cfg.batch_size * world,
+        worker_init_fn=seed_worker,
+        generator=g,
+        persistent_workers=cfg.workers > 0,
+    )
     val_loader = DataLoader(val_set, batch_size=1, sampler=val_sampler, num_workers=cfg.workers)
 
     optimizer = make_optimizer(cfg, model)
@@ -379,9 +393,12 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.compile:  # training steps only: validation runs whole images of many sizes
         net = torch.compile(net)
     config = {
-        **cfg.as_json(), "lr": cfg.lr, "num_classes": num_classes,
-        "class_names": train_set.class_names, "world_size": world,
-    }  # fmt: skip
+        **cfg.as_json(),
+        "lr": cfg.lr,
+        "num_classes": num_classes,
+        "class_names": train_set.class_names,
+        "world_size": world,
+    }
     metrics_path = cfg.out / "metrics.csv"
     if rank == 0:
         (cfg.out / "config.json").write_text(json.dumps(config, indent=2))
@@ -400,9 +417,17 @@ def train(cfg: TrainConfig) -> dict:
             train_sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         train_loss, seen = train_one_epoch(
-            net, train_loader, criterion, optimizer, scheduler, scaler, device, amp_dtype,
-            f"epoch {epoch + 1}/{cfg.epochs}", progress,
-        )  # fmt: skip
+            net,
+            train_loader,
+            criterion,
+            optimizer,
+            scheduler,
+            scaler,
+            device,
+            amp_dtype,
+            f"epoch {epoch + 1}/{cfg.epochs}",
+            progress,
+        )
         train_s = time.perf_counter() - t0
         scores = evaluate(model, val_loader, device, num_classes, progress=progress)
         row = {
@@ -422,18 +447,31 @@ def train(cfg: TrainConfig) -> dict:
         with metrics_path.open() as f:  # every epoch so far, over every invocation
             train_seconds = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
         fields_ = checkpoint_fields(
-            model, cfg.model, model_options, train_set.class_names, train_set.palette,
-            metrics=val_metrics, trained_on=str(train_set.root), mean=mean, std=std,
-            epoch=epoch, provenance={**origin, "train_seconds": round(train_seconds, 1)},
-        )  # fmt: skip
+            model,
+            cfg.model,
+            model_options,
+            train_set.class_names,
+            train_set.palette,
+            metrics=val_metrics,
+            trained_on=str(train_set.root),
+            mean=mean,
+            std=std,
+            epoch=epoch,
+            provenance={**origin, "train_seconds": round(train_seconds, 1)},
+        )
         is_best = scores["mean_iu"] > best_iu
         best_iu = max(best_iu, scores["mean_iu"])
         if is_best:
             save_checkpoint(cfg.out / "best.pt", **fields_, best_mean_iu=best_iu)
         save_checkpoint(
-            cfg.out / "last.pt", **fields_, best_mean_iu=best_iu, optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng_state(g),
-        )  # fmt: skip
+            cfg.out / "last.pt",
+            **fields_,
+            best_mean_iu=best_iu,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+            rng=rng_state(g),
+        )
         if cfg.progress:
             print(
                 f"epoch {epoch + 1}: loss {row['train_loss']:.4f} val loss {row['val_loss']:.4f} "

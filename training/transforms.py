@@ -47,20 +47,30 @@ class TrainTransform:
     """
 
     def __init__(
-        self, crop_size: int, mean, std, scale=(0.5, 2.0), hflip: float = 0.5,
-        jitter: float = 0.2, margin: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        crop_size: int,
+        mean,
+        std,
+        scale=(0.5, 2.0),
+        hflip: float = 0.5,
+        jitter: float = 0.2,
+        margin: int = 0,
+    ) -> None:
         self.scale = RandomScale(*scale)
-        self.augment = v2.Compose([
-            v2.RandomHorizontalFlip(hflip),
-            v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-            v2.RandomCrop(
-                crop_size, padding=margin or None, pad_if_needed=True,
-                fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_LABEL},
-            ),
-        ])  # fmt: skip
+        self.augment = v2.Compose(
+            [
+                v2.RandomHorizontalFlip(hflip),
+                v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean, std),
+                v2.RandomCrop(
+                    crop_size,
+                    padding=margin or None,
+                    pad_if_needed=True,
+                    fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_LABEL},
+                ),
+            ]
+        )
 
     def __call__(self, image, target):
         image, target = self.augment(*self.scale(*_to_tv(image, target)))

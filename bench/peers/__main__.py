@@ -151,24 +151,42 @@ def serving(
     env = {**os.environ}
     onnx = args.entry.model_path
     if kind == "segserve":
-        env.update(SEGSERVE_REPOSITORY=str(args.entry.folder.parent.parent), SEGSERVE_DEFAULT_MODEL=args.model,
-                   SEGSERVE_INTRA_OP_THREADS=str(args.threads), SEGSERVE_WARMUP_SHAPES="512x512,480x640")  # fmt: skip
+        env.update(
+            SEGSERVE_REPOSITORY=str(args.entry.folder.parent.parent),
+            SEGSERVE_DEFAULT_MODEL=args.model,
+            SEGSERVE_INTRA_OP_THREADS=str(args.threads),
+            SEGSERVE_WARMUP_SHAPES="512x512,480x640",
+        )
         cmd = [sys.executable, "-m", "segserve.cli", "serve", "--port", str(port)]
         ready, name = "/readyz", args.model
     elif kind == "triton":
         repo = write_triton_repository(onnx, "seg", Path(tempfile.mkdtemp(dir=work)), args.threads)
         env.update(
             LD_LIBRARY_PATH=str(triton.site / "nvidia_pytriton.libs"),
-            PATH=f"{triton.venv / 'bin'}:{env['PATH']}", PYTHONPATH=str(triton.site),
-        )  # fmt: skip
-        cmd = [triton.home / "bin" / "tritonserver", f"--model-repository={repo}",
-               f"--backend-directory={triton.home / 'backends'}", "--http-address=127.0.0.1",
-               f"--http-port={port}", f"--grpc-port={port + 1}", f"--metrics-port={port + 2}",
-               "--backend-config=python,shm-default-byte-size=33554432", "--strict-readiness=true"]  # fmt: skip
+            PATH=f"{triton.venv / 'bin'}:{env['PATH']}",
+            PYTHONPATH=str(triton.site),
+        )
+        cmd = [
+            triton.home / "bin" / "tritonserver",
+            f"--model-repository={repo}",
+            f"--backend-directory={triton.home / 'backends'}",
+            "--http-address=127.0.0.1",
+            f"--http-port={port}",
+            f"--grpc-port={port + 1}",
+            f"--metrics-port={port + 2}",
+            "--backend-config=python,shm-default-byte-size=33554432",
+            "--strict-readiness=true",
+        ]
         ready, name = "/v2/health/ready", "seg"
     else:
-        env.update(PEER_ONNX=str(onnx), PEER_PORT=str(port), PEER_THREADS=str(args.threads),
-                   PEER_BATCH="8", PEER_DELAY_S="0.005", PYTHONPATH="")  # fmt: skip
+        env.update(
+            PEER_ONNX=str(onnx),
+            PEER_PORT=str(port),
+            PEER_THREADS=str(args.threads),
+            PEER_BATCH="8",
+            PEER_DELAY_S="0.005",
+            PYTHONPATH="",
+        )
         cmd = [lit_python, Path(__file__).with_name("litserve_peer.py")]
         ready, name = "/health", args.model
     log = work / f"{kind}-{port}.log"
@@ -178,7 +196,14 @@ def serving(
     # A session of its own, so that stopping it stops its children too: LitServe's worker
     # processes outlived their server and polled their queues (~4 % CPU each) for the rest
     # of the run, under every later measurement.
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -222,8 +247,12 @@ def bare_limit(engine: Engine, images: list[loadgen.Payload], seconds: float) ->
     """Images/s of bare session.run over the image mix: batch 1, and the best batch of one
     shape (1, 2, 4, 8), mean over the mix's shapes."""
     result = {n: _images_per_s(engine, images, n, seconds) for n in (1, 2, 4, 8)}
-    return {"batch1_img_s": result[1], "best_img_s": max(result.values()),
-            "best_batch": max(result, key=result.get), "by_batch": result}  # fmt: skip
+    return {
+        "batch1_img_s": result[1],
+        "best_img_s": max(result.values()),
+        "best_batch": max(result, key=result.get),
+        "by_batch": result,
+    }
 
 
 def limit_now(engine: Engine, images: list[loadgen.Payload], best_batch: int) -> float:
@@ -245,11 +274,20 @@ def labels_agree(a: Running, b: Running, images: list[loadgen.Payload], protocol
         for server in (a, b):
             if protocol == "v2":
                 body, headers = loadgen.v2_body(im.pixels())
-                r = httpx.post(f"{server.url}/v2/models/{server.model}/infer", content=body, headers=headers, timeout=60)  # fmt: skip
+                r = httpx.post(
+                    f"{server.url}/v2/models/{server.model}/infer",
+                    content=body,
+                    headers=headers,
+                    timeout=60,
+                )
                 size = int(r.headers["inference-header-content-length"])
                 outs.append(np.frombuffer(r.content[size:], np.uint8).reshape(im.size))
             else:
-                r = httpx.post(f"{server.url}/segment", files={"image": ("i.jpg", im.data, im.content_type)}, timeout=60)  # fmt: skip
+                r = httpx.post(
+                    f"{server.url}/segment",
+                    files={"image": ("i.jpg", im.data, im.content_type)},
+                    timeout=60,
+                )
                 outs.append(np.asarray(Image.open(io.BytesIO(r.content))))
         if not np.array_equal(*outs):
             return False
@@ -279,10 +317,13 @@ def measure(server: Running, protocol: str, images, levels, duration, limit) -> 
         row["limit_img_s"] = (limit_before + limit_after) / 2
         limit_before = limit_after
         rows.append(row)
-        print(f"  {server.kind:<9} c={n:<3} {stats.throughput_rps:6.2f}/s p50 {stats.p50_ms:8.1f} "
-              f"p99 {stats.p99_ms:8.1f} ms limit {row['limit_img_s']:5.2f} batch {row['mean_batch'] or 0:4.2f} "
-              f"cpu {stats.server_cpu_ms_per_request:6.1f} ms errors {stats.errors or '-'} "
-              f"{ {k: v for k, v in stats.status_counts.items() if k != '200'} or ''}", flush=True)  # fmt: skip
+        print(
+            f"  {server.kind:<9} c={n:<3} {stats.throughput_rps:6.2f}/s p50 {stats.p50_ms:8.1f} "
+            f"p99 {stats.p99_ms:8.1f} ms limit {row['limit_img_s']:5.2f} batch {row['mean_batch'] or 0:4.2f} "
+            f"cpu {stats.server_cpu_ms_per_request:6.1f} ms errors {stats.errors or '-'} "
+            f"{ {k: v for k, v in stats.status_counts.items() if k != '200'} or '' }",
+            flush=True,
+        )
     return rows
 
 
@@ -321,18 +362,25 @@ def main() -> None:
         args.entry.model_path, "cpu", args.threads, spinning=True, arena_shrink_pixels=None
     )
     report: dict = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores", "model": f"{args.model} v{args.entry.version}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_s": args.duration,
-        "repeats": args.repeats, "threads": args.threads, "traffic": {},
-    }  # fmt: skip
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "model": f"{args.model} v{args.entry.version}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "duration_s": args.duration,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "traffic": {},
+    }
     port = 21000 + os.getpid() % 500 * 4
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         work = Path(tmp)
         for traffic, sizes in (("512x512", SQUARE), ("mixed", MIXED)):
             images = loadgen.synthetic_images(sizes, per_size=4)
             limit = bare_limit(engine, images, 30.0)
-            print(f"{traffic}: bare session.run {limit['batch1_img_s']:.2f} img/s at batch 1, "
-                  f"{limit['best_img_s']:.2f} at batch {limit['best_batch']}", flush=True)  # fmt: skip
+            print(
+                f"{traffic}: bare session.run {limit['batch1_img_s']:.2f} img/s at batch 1, "
+                f"{limit['best_img_s']:.2f} at batch {limit['best_batch']}",
+                flush=True,
+            )
             section = report["traffic"][traffic] = {"limit": limit, "runs": []}
             pairs = [("v2", "triton")] if triton else []
             pairs += [("segment", "litserve")] if lit_python else []
@@ -350,10 +398,14 @@ def main() -> None:
                                 args.duration,
                                 functools.partial(limit_now, engine, images, limit["best_batch"]),
                             )
-                        section["runs"].append({"server": kind, "protocol": protocol, "repeat": repeat, "levels": rows})  # fmt: skip
+                        section["runs"].append(
+                            {"server": kind, "protocol": protocol, "repeat": repeat, "levels": rows}
+                        )
                 if repeat == args.repeats - 1:
-                    with serving("segserve", port + 8, args, work, triton, lit_python) as a, \
-                         serving(peer, port + 12, args, work, triton, lit_python) as b:  # fmt: skip
+                    with (
+                        serving("segserve", port + 8, args, work, triton, lit_python) as a,
+                        serving(peer, port + 12, args, work, triton, lit_python) as b,
+                    ):
                         section[f"labels_equal_{peer}"] = labels_agree(a, b, images, protocol)
                     print(
                         f"  labels equal, segserve vs {peer}: {section[f'labels_equal_{peer}']}",

@@ -23,9 +23,11 @@ def _beside(section: dict) -> str:
     ]
     if not beside:
         return "."
-    return (f"; measured again before and after every level: {np.median(beside):.2f} img/s "
-            f"(range {min(beside):.2f}–{max(beside):.2f}). *Of the limit* sets each level "
-            "against the mean of the two measurements beside it.")  # fmt: skip
+    return (
+        f"; measured again before and after every level: {np.median(beside):.2f} img/s "
+        f"(range {min(beside):.2f}–{max(beside):.2f}). *Of the limit* sets each level "
+        "against the mean of the two measurements beside it."
+    )
 
 
 def _of_limit(levels: list[dict], best: float) -> str:
@@ -75,9 +77,13 @@ def markdown(report: dict) -> str:
             {s for run in section["runs"] for lv in run["levels"] for s in lv["p50_ms_by_size"]}
         )
         if len(shapes) > 1:
-            out += ["", "p50 ms per shape (median of runs):", "",
-                    "| server | protocol | conc | " + " | ".join(shapes) + " |",
-                    "| --- | --- | --: |" + " --: |" * len(shapes)]  # fmt: skip
+            out += [
+                "",
+                "p50 ms per shape (median of runs):",
+                "",
+                "| server | protocol | conc | " + " | ".join(shapes) + " |",
+                "| --- | --- | --: |" + " --: |" * len(shapes),
+            ]
             for (protocol, server, conc), levels in sorted(grouped.items()):
                 cells = [
                     f"{np.median([lv['p50_ms_by_size'][s] for lv in levels if s in lv['p50_ms_by_size']]):.0f}"

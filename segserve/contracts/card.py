@@ -168,12 +168,19 @@ class ModelCard:
                 for name, iu in zip(ckpt["class_names"], scores["per_class_iu"], strict=True)
             }
         return cls(
-            architecture=ckpt["architecture"], model_options=ckpt["model_options"],
-            num_classes=n, class_names=ckpt["class_names"], palette=ckpt["palette"][:n],
-            mean=ckpt["mean"], std=ckpt["std"], size_divisor=size_divisor(ckpt["architecture"]),
-            trained_on=ckpt.get("trained_on", "unknown"), metrics=metrics,
-            provenance=ckpt.get("provenance"), **export_fields,
-        )  # fmt: skip
+            architecture=ckpt["architecture"],
+            model_options=ckpt["model_options"],
+            num_classes=n,
+            class_names=ckpt["class_names"],
+            palette=ckpt["palette"][:n],
+            mean=ckpt["mean"],
+            std=ckpt["std"],
+            size_divisor=size_divisor(ckpt["architecture"]),
+            trained_on=ckpt.get("trained_on", "unknown"),
+            metrics=metrics,
+            provenance=ckpt.get("provenance"),
+            **export_fields,
+        )
 
     @classmethod
     def from_metadata(cls, props: dict[str, str]) -> ModelCard:

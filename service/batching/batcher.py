@@ -110,15 +110,13 @@ class Saturation:
     def __add__(self, other: Saturation) -> Saturation:
         """Two versions of one name (a rollout): their work adds up, the waits do not."""
         return Saturation(
-            self.queued_images + other.queued_images, self.queued_pixels + other.queued_pixels,
+            self.queued_images + other.queued_images,
+            self.queued_pixels + other.queued_pixels,
             self.running_pixels + other.running_pixels,
             self.batch_capacity_pixels + other.batch_capacity_pixels,
             max(self.predicted_wait_s, other.predicted_wait_s),
             max(self.oldest_wait_s, other.oldest_wait_s),
-        )  # fmt: skip
-
-
-
+        )
 
 
 # Stacks payloads into one input; run in a thread of the batcher's own, except for a single
@@ -198,12 +196,13 @@ class Batcher:
         """How full this batcher is now (the autoscaling signal; read on the event loop)."""
         waiting, now = self.waiting, self.clock()
         return Saturation(
-            queued_images=len(waiting), queued_pixels=sum(j.pixels for j in waiting),
+            queued_images=len(waiting),
+            queued_pixels=sum(j.pixels for j in waiting),
             running_pixels=self._running_pixels if self.running else 0,
             batch_capacity_pixels=self.limits.max_batch_pixels,
             predicted_wait_s=self.predicted_wait([]),
             oldest_wait_s=max((now - j.enqueued for j in waiting), default=0.0),
-        )  # fmt: skip
+        )
 
     def submit(
         self, payloads: list[tuple[Any, tuple[int, int]]], deadline: float, context: Any = None

@@ -94,10 +94,14 @@ def render(
         label_png = base64.b64encode(encode_label_png(labels, card.palette_bytes)).decode()
     with timings.stage(Stage.ENCODE):
         payload = {
-            **header, "width": int(labels.shape[1]), "height": int(labels.shape[0]),
-            "classes": classes, "label_png": label_png, "masks": masks,
+            **header,
+            "width": int(labels.shape[1]),
+            "height": int(labels.shape[0]),
+            "classes": classes,
+            "label_png": label_png,
+            "masks": masks,
             "timings_ms": timings.milliseconds(JSON_STAGES),
-        }  # fmt: skip
+        }
         return json.dumps(payload).encode(), "application/json"
 
 

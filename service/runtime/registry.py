@@ -208,8 +208,13 @@ class ModelRegistry:
         self._failed.pop(key, None)
         self.metrics.load_failures.labels(model.name, str(model.version)).set(0)
         self.metrics.model_info.labels(*_info_labels(model)).set(1)
-        log.info("serving %s v%s (%s, %s)", model.name, model.version,
-                 model.card.architecture, model.engine.provider)  # fmt: skip
+        log.info(
+            "serving %s v%s (%s, %s)",
+            model.name,
+            model.version,
+            model.card.architecture,
+            model.engine.provider,
+        )
 
     def _fail(self, entry: VersionEntry, mtime: float, error: str) -> None:
         self._failed[(entry.name, entry.version)] = FailedModel(
@@ -242,10 +247,15 @@ class ModelRegistry:
     def _load(self, entry: VersionEntry) -> ServedModel:
         s = self.settings
         engine = Engine.load(
-            entry.model_path, s.providers, s.intra_op_threads, s.cudnn_conv_algo_search,
-            cpu_arena=s.cpu_mem_arena, spinning=s.ort_spinning,
-            arena_shrink_pixels=s.arena_shrink_pixels, card_path=entry.card_path,
-        )  # fmt: skip
+            entry.model_path,
+            s.providers,
+            s.intra_op_threads,
+            s.cudnn_conv_algo_search,
+            cpu_arena=s.cpu_mem_arena,
+            spinning=s.ort_spinning,
+            arena_shrink_pixels=s.arena_shrink_pixels,
+            card_path=entry.card_path,
+        )
         batch_pixels = min(s.max_batch_pixels, engine.batch_pixel_limit or s.max_batch_pixels)
         limits = BatchLimits(
             s.batch_size_for(engine.provider), batch_pixels, engine.card.size_divisor

@@ -12,21 +12,87 @@ from prometheus_client.core import GaugeMetricFamily
 from segserve.service.telemetry.clock import Timings
 
 # Dense around the paper's 0.2 s per image, where an SLO line is drawn.
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)  # fmt: skip
-STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.125,
+    0.15,
+    0.175,
+    0.2,
+    0.225,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+STAGE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
-PIXEL_BUCKETS = (64 * 64, 128 * 128, 256 * 256, 512 * 512, 640 * 480, 1024 * 768, 1920 * 1080, 4096 * 2160, 8192 * 8192)  # fmt: skip
+PIXEL_BUCKETS = (
+    64 * 64,
+    128 * 128,
+    256 * 256,
+    512 * 512,
+    640 * 480,
+    1024 * 768,
+    1920 * 1080,
+    4096 * 2160,
+    8192 * 8192,
+)
 
 
 # (attribute, metric name, help): read from each model's batcher at scrape time.
 SATURATION = (
     ("queued_images", "segserve_queue_depth", "Images waiting for a batch"),
     ("queued_pixels", "segserve_queued_pixels", "Pixels waiting for a batch (inference size)"),
-    ("running_pixels", "segserve_running_pixels", "Pixels of the batch running now, padding included"),
-    ("batch_capacity_pixels", "segserve_batch_capacity_pixels", "The most pixels one batch may compute"),
-    ("predicted_wait_s", "segserve_predicted_wait_seconds", "Predicted wait of a request arriving now, before its own run: add a replica when it stays above the latency you allow for queueing"),
-    ("oldest_wait_s", "segserve_oldest_wait_seconds", "How long the oldest waiting image has waited"),
-)  # fmt: skip
+    (
+        "running_pixels",
+        "segserve_running_pixels",
+        "Pixels of the batch running now, padding included",
+    ),
+    (
+        "batch_capacity_pixels",
+        "segserve_batch_capacity_pixels",
+        "The most pixels one batch may compute",
+    ),
+    (
+        "predicted_wait_s",
+        "segserve_predicted_wait_seconds",
+        "Predicted wait of a request arriving now, before its own run: add a replica when it stays above the latency you allow for queueing",
+    ),
+    (
+        "oldest_wait_s",
+        "segserve_oldest_wait_seconds",
+        "How long the oldest waiting image has waited",
+    ),
+)
 
 
 # A model's saturation now: any object with the attributes SATURATION names, which adds up
@@ -57,6 +123,7 @@ class SaturationCollector:
 class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        # One metric a line, unformatted: the block reads as the table of names in docs/design.md.
         # fmt: off
         self.requests = Counter("segserve_requests_total", "Requests answered", ["model", "route", "status"], registry=r)
         self.request_duration = Histogram("segserve_request_duration_seconds", "Time from request to response", ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)

@@ -29,9 +29,10 @@ async def read_capped(request: Request, limit: int, deadline: float, idle_s: flo
             raise ServiceError(400, "Content-Length is not a number", reason="bad_body")
         if int(declared) > limit:
             raise ServiceError(
-                413, f"body of {declared} bytes is over the {limit}-byte limit",
+                413,
+                f"body of {declared} bytes is over the {limit}-byte limit",
                 reason="body_too_large",
-            )  # fmt: skip
+            )
     chunks, size = [], 0
     stream = request.stream()
     while True:

@@ -38,9 +38,12 @@ def route_label(scope: Scope) -> str:
 
 class RequestMiddleware:
     def __init__(
-        self, app: ASGIApp, metrics: ServiceMetrics, timeout_s: float = float("inf"),
+        self,
+        app: ASGIApp,
+        metrics: ServiceMetrics,
+        timeout_s: float = float("inf"),
         closing: Callable[[], bool] = lambda: False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.app, self.metrics, self.timeout_s = app, metrics, timeout_s
         # True while the server drains for shutdown: each response closes its connection,
         # so no client holds a keep-alive connection to a replica about to stop listening.
@@ -100,10 +103,15 @@ class RequestMiddleware:
                 self.metrics.observe_stages(timings, model)
             if route not in QUIET_ROUTES or status >= 400:
                 fields = {
-                    "request_id": request_id, "method": scope["method"], "path": scope["path"],
-                    "route": route, "status": status, "model": model,
-                    "version": state.get("version", ""), "ms": round(seconds * 1000, 2),
-                }  # fmt: skip
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "model": model,
+                    "version": state.get("version", ""),
+                    "ms": round(seconds * 1000, 2),
+                }
                 if timings.seconds:
                     fields["stages_ms"] = timings.milliseconds()
                 log.info("request", extra={FIELDS: fields})

@@ -22,11 +22,18 @@ def docker() -> Docker:
     socket = tmp / "docker.sock"
     log = (tmp / "dockerd.log").open("w")
     proc = subprocess.Popen(
-        ["dockerd", f"--data-root={CACHE / 'docker-root'}", f"--exec-root={tmp / 'exec'}",
-         f"--host=unix://{socket}", f"--pidfile={tmp / 'dockerd.pid'}", "--iptables=false",
-         "--bridge=none"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            "dockerd",
+            f"--data-root={CACHE / 'docker-root'}",
+            f"--exec-root={tmp / 'exec'}",
+            f"--host=unix://{socket}",
+            f"--pidfile={tmp / 'dockerd.pid'}",
+            "--iptables=false",
+            "--bridge=none",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     engine = Docker(socket)
     deadline = time.monotonic() + 60
     while engine("info", check=False).returncode != 0:
@@ -52,12 +59,28 @@ def base_image(docker: Docker) -> str:
         rootfs = CACHE / "rootfs"
         if not (rootfs / "usr" / "bin" / "python3").exists():
             shutil.rmtree(rootfs, ignore_errors=True)
-            run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-                 "bookworm", rootfs, MIRROR], timeout=1800)  # fmt: skip
+            run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    "--include=python3,python3-venv,ca-certificates",
+                    "bookworm",
+                    rootfs,
+                    MIRROR,
+                ],
+                timeout=1800,
+            )
         # Trust what this machine trusts: where a proxy re-signs TLS, pip in the build
         # must accept its certificates as the host's pip does.
         shutil.copy(HOST_CA_BUNDLE, rootfs / "etc" / "ssl" / "certs" / "ca-certificates.crt")
         run(["tar", "-C", rootfs, "-cf", tarball, "."], timeout=600)
-    docker("import", "--change", f"ENV PIP_CERT={HOST_CA_BUNDLE}", "--change",
-           f"ENV SSL_CERT_FILE={HOST_CA_BUNDLE}", tarball, BASE_TAG)  # fmt: skip
+    docker(
+        "import",
+        "--change",
+        f"ENV PIP_CERT={HOST_CA_BUNDLE}",
+        "--change",
+        f"ENV SSL_CERT_FILE={HOST_CA_BUNDLE}",
+        tarball,
+        BASE_TAG,
+    )
     return BASE_TAG

@@ -26,8 +26,11 @@ def run(cmd: list, **kw) -> subprocess.CompletedProcess:
 
 
 def ensure_packages() -> None:
-    missing = [pkg for pkg, binary in (("docker.io", "dockerd"), ("debootstrap", "debootstrap"))
-               if shutil.which(binary) is None]  # fmt: skip
+    missing = [
+        pkg
+        for pkg, binary in (("docker.io", "dockerd"), ("debootstrap", "debootstrap"))
+        if shutil.which(binary) is None
+    ]
     if missing:
         run(["apt-get", "update", "-qq"])
         run(
@@ -43,15 +46,31 @@ class Docker:
     def __call__(
         self, *args, check: bool = True, timeout: float = 1800
     ) -> subprocess.CompletedProcess:
-        return subprocess.run(["docker", *map(str, args)], env=self.env, text=True,
-                              capture_output=True, check=check, timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            ["docker", *map(str, args)],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            check=check,
+            timeout=timeout,
+        )
 
 
 def build(docker: Docker, base: str, dockerfile: str, tag: str) -> dict:
     """Build and describe an image: its tag, size and build time."""
     t0 = time.monotonic()
-    result = docker("build", "--network=host", "-f", dockerfile, "--build-arg", f"BASE={base}",
-                    "-t", tag, str(ROOT), check=False)  # fmt: skip
+    result = docker(
+        "build",
+        "--network=host",
+        "-f",
+        dockerfile,
+        "--build-arg",
+        f"BASE={base}",
+        "-t",
+        tag,
+        str(ROOT),
+        check=False,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     size = int(docker("image", "inspect", "-f", "{{.Size}}", tag).stdout.strip())
     return {"tag": tag, "bytes": size, "build_s": time.monotonic() - t0}

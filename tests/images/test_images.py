@@ -58,10 +58,28 @@ def gpu_image(docker, base_image) -> dict:
 def cpu_container(docker, cpu_image, models):
     port = free_port()
     name = f"segserve-cpu-{port}"
-    docker("run", "-d", "--name", name, "--network=host", "--read-only", "--cap-drop=ALL",
-           "--security-opt=no-new-privileges", "--tmpfs=/tmp:size=64m", "-v", f"{models}:/models:ro",
-           "-e", "SEGSERVE_WARMUP_SHAPES=64x64", "-e", "SEGSERVE_METRICS_TOKEN=scrape",
-           "-e", "SEGSERVE_API_KEY=key", cpu_image["tag"], "--port", str(port))  # fmt: skip
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network=host",
+        "--read-only",
+        "--cap-drop=ALL",
+        "--security-opt=no-new-privileges",
+        "--tmpfs=/tmp:size=64m",
+        "-v",
+        f"{models}:/models:ro",
+        "-e",
+        "SEGSERVE_WARMUP_SHAPES=64x64",
+        "-e",
+        "SEGSERVE_METRICS_TOKEN=scrape",
+        "-e",
+        "SEGSERVE_API_KEY=key",
+        cpu_image["tag"],
+        "--port",
+        str(port),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -84,8 +102,12 @@ def test_the_cpu_image_serves_read_only_as_a_non_root_user_without_capabilities(
     inspect = json.loads(docker("inspect", name).stdout)[0]
     assert inspect["HostConfig"]["ReadonlyRootfs"] and inspect["HostConfig"]["CapDrop"] == ["ALL"]
     assert docker("exec", name, "id", "-u").stdout.strip() == "10001"
-    r = httpx.post(url + "/segment", content=image_bytes(96, 128, "JPEG"),
-                   headers={"Content-Type": "image/jpeg", "Authorization": "Bearer key"}, timeout=60)  # fmt: skip
+    r = httpx.post(
+        url + "/segment",
+        content=image_bytes(96, 128, "JPEG"),
+        headers={"Content-Type": "image/jpeg", "Authorization": "Bearer key"},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     health = docker("inspect", "-f", "{{.State.Health.Status}}", name, check=False).stdout.strip()
     assert health in ("starting", "healthy")  # the image's HEALTHCHECK on /healthz
@@ -108,9 +130,16 @@ def test_the_shipped_monitoring_has_no_firing_alert_against_a_cpu_stack(cpu_cont
     settings = yaml.safe_load(config.read_text())
     settings["global"]["evaluation_interval"] = "5s"
     config.write_text(yaml.safe_dump(settings))
-    proc = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=(tmp_path / "p.log").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=(tmp_path / "p.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     stop = time.monotonic() + 125
 
     def traffic():
@@ -152,8 +181,12 @@ def test_sigterm_drains_the_cpu_container_and_it_exits(docker, cpu_container):
 
     def send():
         try:
-            r = httpx.post(url + "/segment", content=image_bytes(512, 512),
-                           headers={"Content-Type": "image/png", "Authorization": "Bearer key"}, timeout=60)  # fmt: skip
+            r = httpx.post(
+                url + "/segment",
+                content=image_bytes(512, 512),
+                headers={"Content-Type": "image/png", "Authorization": "Bearer key"},
+                timeout=60,
+            )
             results.append(r.status_code)
         except httpx.HTTPError as exc:
             results.append(type(exc).__name__)
@@ -176,8 +209,11 @@ def test_sigterm_drains_the_cpu_container_and_it_exits(docker, cpu_container):
 
 def inflight(url: str) -> float:
     text = httpx.get(url + "/metrics", headers={"Authorization": "Bearer scrape"}, timeout=5).text
-    return next(float(line.split()[1]) for line in text.splitlines()
-                if line.startswith("segserve_inflight_requests "))  # fmt: skip
+    return next(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("segserve_inflight_requests ")
+    )
 
 
 GPU_CHECK = r"""
@@ -207,16 +243,42 @@ def test_the_gpu_images_cuda_chain_resolves_but_for_the_driver(docker, gpu_image
     assert missing == ["libcuda.so.1"], out
     assert any(lib.startswith("libcudnn") for lib in checked)
     assert any(lib.startswith("libcublas") for lib in resolved)
-    assert docker("run", "--rm", "--entrypoint", "python3", gpu_image["tag"], "-c", "import torch",
-                  check=False).returncode != 0  # fmt: skip
+    assert (
+        docker(
+            "run",
+            "--rm",
+            "--entrypoint",
+            "python3",
+            gpu_image["tag"],
+            "-c",
+            "import torch",
+            check=False,
+        ).returncode
+        != 0
+    )
 
 
 def test_the_gpu_image_refuses_to_serve_on_cuda_without_a_driver(docker, gpu_image, models):
-    result = docker("run", "--rm", "--network=host", "-v", f"{models}:/models:ro",
-                    "-e", "SEGSERVE_WARMUP_SHAPES=32x32", gpu_image["tag"], "--port", str(free_port()),
-                    check=False, timeout=300)  # fmt: skip
+    result = docker(
+        "run",
+        "--rm",
+        "--network=host",
+        "-v",
+        f"{models}:/models:ro",
+        "-e",
+        "SEGSERVE_WARMUP_SHAPES=32x32",
+        gpu_image["tag"],
+        "--port",
+        str(free_port()),
+        check=False,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "CUDAExecutionProvider did not load" in output and "libcuda.so.1" in output
-    report(gpu_without_driver={"exit_code": result.returncode,
-                               "message": next(line for line in output.splitlines() if "did not load" in line)})  # fmt: skip
+    report(
+        gpu_without_driver={
+            "exit_code": result.returncode,
+            "message": next(line for line in output.splitlines() if "did not load" in line),
+        }
+    )

@@ -57,9 +57,11 @@ def bearer_of(request: Request) -> Bearer:
 
 def unauthorized(what: str) -> ServiceError:
     return ServiceError(
-        401, f"missing or wrong {what}: send Authorization: Bearer KEY",
-        reason="unauthorized", headers={"WWW-Authenticate": "Bearer"},
-    )  # fmt: skip
+        401,
+        f"missing or wrong {what}: send Authorization: Bearer KEY",
+        reason="unauthorized",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 async def authorize(request: Request, credentials: Annotated[Bearer, Security(API_KEY)]) -> None:

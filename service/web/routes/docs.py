@@ -61,10 +61,12 @@ async def swagger() -> HTMLResponse:
 @router.get("/redoc")
 async def redoc() -> HTMLResponse:
     return get_redoc_html(
-        openapi_url="/openapi.json", title="segserve API",
+        openapi_url="/openapi.json",
+        title="segserve API",
         redoc_js_url="/docs/assets/redoc.standalone.js",
-        redoc_favicon_url="/docs/assets/favicon.png", with_google_fonts=False,
-    )  # fmt: skip
+        redoc_favicon_url="/docs/assets/favicon.png",
+        with_google_fonts=False,
+    )
 
 
 def api_document(app: FastAPI) -> dict:

@@ -29,8 +29,9 @@ async def readyz(request: Request, service: Service) -> JSONResponse:
     reason = service.registry.unready_reason()
     if not reason:
         providers = {m.engine.provider for m in service.registry.all()}
-        return JSONResponse({"status": "ready", "models": service.registry.names,
-                             "providers": sorted(providers)})  # fmt: skip
+        return JSONResponse(
+            {"status": "ready", "models": service.registry.names, "providers": sorted(providers)}
+        )
     return JSONResponse(
         error_body(NOT_READY, reason, request_id_of(request)),
         status_code=503,

@@ -71,7 +71,9 @@ async def infer(
     s = service.settings
     body = await read_capped(request, s.max_body_bytes, timings.deadline, s.idle_timeout_s)
     header_length = request.headers.get(open_inference.HEADER_LENGTH)
-    req, tensor = await asyncio.to_thread(open_inference.parse_infer, body, header_length, service.limits)
+    req, tensor = await asyncio.to_thread(
+        open_inference.parse_infer, body, header_length, service.limits
+    )
     async with service.lease() as lease:
         if isinstance(tensor, np.ndarray):
             images = await service.from_pixels(tensor, model, timings, lease)
@@ -79,16 +81,19 @@ async def infer(
             images = await service.decode(tensor, model, timings, lease)
             if len({im.size for im in images}) > 1:
                 raise ServiceError(
-                    400, "the images of one request must share one size (output is [N, H, W])",
+                    400,
+                    "the images of one request must share one size (output is [N, H, W])",
                     reason="bad_request",
-                )  # fmt: skip
+                )
         labels = await service.segment(
             model, images, timings, partial(wait_for_disconnect, request)
         )
         content, media_type, headers = await service.encode_labels(
-            images, labels, partial(open_inference.infer_response, model.name, model.version, req),
+            images,
+            labels,
+            partial(open_inference.infer_response, model.name, model.version, req),
             timings,
-        )  # fmt: skip
+        )
     return Response(content, media_type=media_type, headers=headers)
 
 
