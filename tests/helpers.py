@@ -73,12 +73,45 @@ def convert_the_tiny_unet(cache: str | Path) -> None:
     convert_into(conversion_path(Path(cache), net), net, convert_network)
 
 
-def wait_for(condition, timeout: float = 30.0, what: str = "the condition") -> None:
-    """Poll `condition()` until it is true; fail the test after `timeout` seconds."""
+def wait_for(
+    condition,
+    timeout: float = 30.0,
+    what: str = "the condition",
+    ignoring: tuple[type[BaseException], ...] = (),
+    detail=None,
+    interval: float = 0.01,
+) -> None:
+    """Poll `condition()` until it is true; fail the test after `timeout` seconds. Exceptions
+    of the `ignoring` kinds count as "not yet" (a server still starting); `detail()`, when
+    given, is added to the failure (a log's tail)."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.01)
+    while True:
+        try:
+            if condition():
+                return
+        except ignoring:
+            pass
+        if time.monotonic() >= deadline:
+            more = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"{what}: not within {timeout} s{more}")
+        time.sleep(interval)
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of a command a test needs. Missing, the test is skipped on a developer's
+    machine, but fails under CI (CI=true), where the Makefile installs it: a failed install
+    must not shrink `make test` silently."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is missing: {install}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + " (CI=true: the Makefile installs it, so a missing tool fails)")
+        pytest.skip(message)
+    return path
 
 
 async def await_for(condition, timeout: float = 30.0, what: str = "the condition") -> None:

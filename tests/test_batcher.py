@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from helpers import await_for
 from segserve.service.batching.batcher import (
     Batcher,
     DeadlineExceeded,
@@ -122,10 +123,7 @@ def test_the_next_batch_is_prepared_while_the_current_one_runs():
         first = submit(b, [image(16, 16)])
         await wait_until(model.running)
         second = submit(b, [image(16, 16, 1)])
-        for _ in range(1000):  # until the batcher has stacked batch 2
-            if model.prepared == 2:
-                break
-            await asyncio.sleep(0.005)
+        await await_for(lambda: model.prepared == 2, 10, "the batcher stacking batch 2")
         prepared_during_run = model.prepared == 2 and not first[0].future.done()
         model.gate.set()
         await asyncio.gather(first[0].future, second[0].future)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shutil
 from pathlib import Path
 
 import httpx
@@ -18,18 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import image_bytes, run_server
+from helpers import image_bytes, require_tool, run_server
 from segserve.default_model import install
 
 KEY = "page-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOTS = os.environ.get("SEGSERVE_SCREENSHOTS")
-
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromedriver: `make tools` installs them"
-)
+INSTALL = "`make tools` installs Debian's chromium and chromium-driver"
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +38,16 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    chromium, chromedriver = (
+        require_tool("chromium", INSTALL),
+        require_tool("chromedriver", INSTALL),
+    )
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium must not look for drivers online
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = chromium
     for arg in (
         "--headless=new",
         "--no-sandbox",
@@ -59,7 +57,7 @@ def browser():
         "--force-device-scale-factor=1",
     ):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()

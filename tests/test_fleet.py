@@ -35,7 +35,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import ROOT, free_port, image_bytes, wait_for
+from helpers import ROOT, free_port, image_bytes, require_tool, wait_for
 from segserve.contracts.repository import publishing
 
 pytestmark = pytest.mark.fleet
@@ -317,8 +317,8 @@ def render(template: str, series: str, matchers: str, group_by: str) -> str:
 
 @pytest.fixture(scope="module")
 def fleet(tiny_repository, tmp_path_factory):
-    if HAPROXY is None or PROMETHEUS is None:
-        pytest.skip("haproxy and prometheus: `make tools` installs Debian's packages")
+    for name in ("haproxy", "prometheus"):
+        require_tool(name, "`make tools` installs Debian's packages")
     tmp = tmp_path_factory.mktemp("fleet")
     repository = tmp / "repository"
     (repository / "tiny").mkdir(parents=True)

@@ -6,15 +6,15 @@ from segserve.service.runtime import memory
 def test_memory_is_given_back_only_after_work_on_many_pixels(monkeypatch):
     calls = []
     monkeypatch.setattr(memory, "malloc_trim", lambda pad: calls.append(pad) or 1)
-    memory.give_back_memory(memory.TRIM_AFTER_PIXELS - 1)
+    assert memory.give_back_memory(memory.TRIM_AFTER_PIXELS - 1) is False
     assert calls == []
-    memory.give_back_memory(memory.TRIM_AFTER_PIXELS)
+    assert memory.give_back_memory(memory.TRIM_AFTER_PIXELS) is True
     assert calls == [0]
 
 
-def test_without_malloc_trim_nothing_is_called(monkeypatch):
+def test_without_malloc_trim_giving_back_is_a_no_op_not_an_error(monkeypatch):
     monkeypatch.setattr(memory, "malloc_trim", None)
-    memory.give_back_memory(10**9)  # no C library function: a no-op, not an error
+    assert memory.give_back_memory(10**9) is False  # no C library function to call
 
 
 def test_glibc_s_malloc_trim_is_found_here():

@@ -8,6 +8,7 @@ import json
 import uvicorn
 from uvicorn.server import ServerState
 
+from helpers import await_for
 from segserve.service.web.protocol import guarded_protocol
 
 
@@ -68,7 +69,7 @@ def test_a_head_under_the_limit_reaches_the_app():
     async def main():
         protocol, transport = connect(max_header_bytes=2048)
         protocol.data_received(b"GET / HTTP/1.1\r\nHost: t\r\nX-Small: " + b"a" * 100 + b"\r\n\r\n")
-        await asyncio.sleep(0.05)  # the app runs as a task of its own
+        await await_for(lambda: transport.sent, 10, "the app's answer")  # a task of its own
         return transport
 
     transport = asyncio.run(main())
@@ -79,7 +80,7 @@ def test_a_head_that_does_not_finish_in_time_gets_408():
     async def main():
         protocol, transport = connect(idle_timeout_s=0.05)
         protocol.data_received(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
-        await asyncio.sleep(0.3)
+        await await_for(lambda: transport.closed, 10, "the head timer closing the connection")
         return transport
 
     transport = asyncio.run(main())

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import free_port, image_bytes, run_server
+from helpers import free_port, image_bytes, run_server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +93,15 @@ def test_sigterm_drains_queued_requests_then_exits(tiny_repository, tmp_path):
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(payloads))]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        # Poll until all eight have arrived (the /metrics request itself is one in flight).
-        while time.monotonic() < deadline:
-            in_flight = inflight(server.url) - 1
-            if in_flight + sum(r is not None for r in results) >= len(payloads):
-                break
-            time.sleep(0.01)
+        seen = {"in_flight": 0}
+
+        def all_arrived() -> bool:  # the /metrics request itself is one in flight
+            seen["in_flight"] = inflight(server.url) - 1
+            return seen["in_flight"] + sum(r is not None for r in results) >= len(payloads)
+
+        wait_for(all_arrived, 30, "all eight requests in flight or answered")
         server.proc.send_signal(signal.SIGTERM)
-        assert in_flight >= 2, "the requests finished before the signal: nothing drained"
+        assert seen["in_flight"] >= 2, "the requests finished before the signal: nothing drained"
         for t in threads:
             t.join(60)
         # uvicorn re-raises the SIGTERM it caught once it has shut down cleanly, so the
@@ -125,10 +124,7 @@ def test_sigterm_first_drains_unready_while_serving_then_stops_listening(tiny_re
             )
             assert before.status_code == 200 and before.headers.get("connection") != "close"
             server.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while c.get("/readyz").status_code == 200:
-                assert time.monotonic() < deadline, "never turned unready"
-                time.sleep(0.05)
+            wait_for(lambda: c.get("/readyz").status_code != 200, 10, "turning unready")
             ready = c.get("/readyz")
             assert ready.json()["detail"] == "draining for shutdown"
             during = c.post(
@@ -154,10 +150,7 @@ def test_the_first_sigterm_drains_and_sigint_or_a_second_signal_do_not():
     s, drained = server(0.2)
     s.handle_exit(signal.SIGTERM, None)
     assert drained == [1] and not s.should_exit
-    deadline = time.monotonic() + 10
-    while not s.should_exit:
-        assert time.monotonic() < deadline, "the drain never ended"
-        time.sleep(0.01)
+    wait_for(lambda: s.should_exit, 10, "the end of the drain")
     s, drained = server(30)
     s.handle_exit(signal.SIGTERM, None)
     s.handle_exit(signal.SIGTERM, None)  # a second one: now

@@ -5,20 +5,16 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
-import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import image_bytes, in_process
+from helpers import image_bytes, in_process, wait_for
 
 PNG = {"Content-Type": "image/png"}
 
 
 def wait_until(condition, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the server did not follow the repository"
-        time.sleep(0.05)
+    wait_for(condition, seconds, "the server following the repository", interval=0.05)
 
 
 def failures(app) -> dict[tuple[str, str], float]:

@@ -26,7 +26,10 @@ def load_trim():
 malloc_trim = load_trim()
 
 
-def give_back_memory(pixels: int) -> None:
-    """After work on `pixels` pixels: return the heap's free memory to the system."""
-    if malloc_trim is not None and pixels >= TRIM_AFTER_PIXELS:
-        malloc_trim(0)
+def give_back_memory(pixels: int) -> bool:
+    """After work on `pixels` pixels: return the heap's free memory to the system. True when
+    it asked the C library to."""
+    if malloc_trim is None or pixels < TRIM_AFTER_PIXELS:
+        return False
+    malloc_trim(0)
+    return True
