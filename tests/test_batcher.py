@@ -326,3 +326,67 @@ def test_saturation_says_what_waits_what_runs_and_how_much_padding_ran():
     merged = batches[1]
     assert (len(merged.jobs), merged.pixels) == (2, 2 * 32 * 48)
     assert merged.padding == 2 * 32 * 48 - (20 * 30 + 32 * 48)
+
+
+def test_a_stream_queues_a_job_at_a_time_and_later_work_runs_between_its_jobs():
+    model = Model(gated=True)
+    order = []
+
+    async def main():
+        b = make(model, max_batch_size=1)
+        b.start()
+        stream = b.open_stream([16 * 16] * 3, 1e12)
+        first = stream.submit(image(16, 16), (16, 16))
+        await wait_until(model.running)
+        (other,) = submit(b, [image(8, 8)])  # arrives while the stream's first job runs
+        model.gate.set()
+        await first.future
+        second = stream.submit(image(16, 16, 1), (16, 16))  # queued after `other`
+        await asyncio.gather(other.future, second.future)
+        third = stream.submit(image(16, 16, 2), (16, 16))
+        await third.future
+        stream.close()
+        await b.stop()
+        order.extend(model.batches)
+
+    asyncio.run(main())
+    assert order == [[(16, 16)], [(8, 8)], [(16, 16)], [(16, 16)]]
+
+
+def test_a_stopping_batcher_finishes_an_open_stream_first():
+    model = Model()
+
+    async def main():
+        b = make(model)
+        b.start()
+        stream = b.open_stream([64, 64], 1e12)
+        await stream.submit(image(8, 8), (8, 8)).future
+        stopping = asyncio.create_task(b.stop())
+        await asyncio.sleep(0)  # the stop has begun: new submitters are refused ...
+        with pytest.raises(ShuttingDown):
+            submit(b, [image(8, 8)])
+        job = stream.submit(image(8, 8, 1), (8, 8))  # ... the open stream is not
+        labels = await job.future
+        stream.close()
+        await stopping
+        return labels
+
+    assert asyncio.run(main()).shape == (8, 8)
+
+
+def test_a_stream_is_admitted_on_all_its_work_and_counts_the_open_streams_before_it():
+    clock = FakeClock()
+    cost = CostModel(per_pixel=1e-3, fixed=0.0)  # 1 ms a pixel: 1000 px take a second
+
+    async def main():
+        b = make(Model(), clock, cost)
+        with pytest.raises(Overloaded):
+            b.open_stream([1000] * 5, clock.now + 4.0)  # five seconds of work, four left
+        first = b.open_stream([1000] * 3, clock.now + 4.0)  # three seconds: admitted
+        with pytest.raises(Overloaded):  # behind the first stream's three seconds
+            b.open_stream([1000] * 2, clock.now + 4.0)
+        assert b.predicted_wait([]) == 0.0  # a single request still waits for nothing
+        first.close()
+        b.open_stream([1000] * 2, clock.now + 4.0).close()
+
+    asyncio.run(main())

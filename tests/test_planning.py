@@ -34,6 +34,18 @@ def test_cost_model_recovers_a_line_from_runs():
     assert model.predict(1e6, runs=2) == pytest.approx(0.006 + 0.2)
 
 
+def test_noisy_runs_of_nearby_sizes_do_not_predict_a_large_image_steeper_than_any_run():
+    # Two sizes 0.05 MP apart, the larger one slowed by contention: a free line through
+    # them has a slope of 4 s/MP and a negative intercept; every run's own rate is <= 1.2.
+    model = CostModel()
+    for pixels, seconds in [(200_000, 0.10), (250_000, 0.30), (200_000, 0.10), (250_000, 0.30)]:
+        model.observe(pixels, seconds)
+    rates = [0.10 / 200_000, 0.30 / 250_000]
+    assert min(rates) <= model.per_pixel <= max(rates)
+    assert model.fixed == 0.0
+    assert model.predict(25_000_000) <= max(rates) * 25_000_000
+
+
 def test_cost_model_with_one_size_keeps_its_fixed_prior():
     model = CostModel(per_pixel=1e-6, fixed=0.001)
     model.observe(1000, 0.011)

@@ -11,6 +11,10 @@ cost model says it pays.
 Admission is all-or-nothing per request and decided at once: a request whose images do not
 fit the queue, the queued-pixel budget, or (by the cost model's prediction) its deadline is
 refused before anything of it is queued.
+
+A submitter with much work (a large image's tiles) opens a `Stream` instead: admitted as a
+whole when it opens, it then queues a few jobs at a time, each behind whatever arrived before
+it. Work that arrives meanwhile waits for one of its runs, not for all of them.
 """
 
 from __future__ import annotations
@@ -126,6 +130,33 @@ RunBatch = Callable[[Any, list[tuple[int, int]]], list[Any]]
 OnBatch = Callable[[BatchRun], None]
 
 
+class Stream:
+    """A submitter's admitted work, queued a job at a time (`submit`), each job behind what
+    arrived before it. Close it when done (or given up): a stopping batcher waits for it."""
+
+    def __init__(self, batcher: Batcher, pixels: int, deadline: float, context: Any) -> None:
+        self.batcher, self.deadline, self.context = batcher, deadline, context
+        self.remaining_pixels = pixels  # admitted, not yet queued
+        self.closed = False
+
+    def submit(self, payload: Any, size: tuple[int, int]) -> Job:
+        if self.closed:
+            raise RuntimeError("the stream is closed")
+        self.remaining_pixels = max(0, self.remaining_pixels - size[0] * size[1])
+        return self.batcher._queue(payload, size, self.deadline, self.context)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.batcher._close(self)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Batcher:
     def __init__(
         self,
@@ -154,6 +185,7 @@ class Batcher:
         self._prep_estimate = 0.0
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._streams: set[Stream] = set()  # open: the loop runs until each is closed
         # One thread runs the session, one prepares the next batch beside it.
         self._executor = ThreadPoolExecutor(2, thread_name_prefix="segserve-batch")
 
@@ -184,12 +216,16 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    def predicted_wait(self, pixels: list[int]) -> float:
-        """Seconds until `pixels` more would be done, after everything queued and running."""
+    def predicted_wait(self, pixels: list[int], behind_streams: bool = False) -> float:
+        """Seconds until `pixels` more would be done, after everything queued and running
+        (and, `behind_streams`, the work open streams have yet to queue: a stream's jobs
+        take turns with theirs)."""
         running_left = 0.0
         if self._running is not None and not self._running.done():
             running_left = max(0.0, self._running_end - self.clock())
         queued = [j.pixels for j in self.waiting]
+        if behind_streams:
+            queued += [s.remaining_pixels for s in self._streams]
         return predicted_backlog([*queued, *pixels], self.limits, self.cost, running_left)
 
     def saturation(self) -> Saturation:
@@ -209,37 +245,59 @@ class Batcher:
     ) -> list[Job]:
         """Queue every (payload, (H, W)) of one submitter, or none of them (raises Rejected).
         `context` travels with each job to `on_batch` (a request's clock, say)."""
+        pixels = [h * w for _, (h, w) in payloads]
+        self._admit(pixels, pixels, deadline)
+        return [self._queue(payload, size, deadline, context) for payload, size in payloads]
+
+    def open_stream(
+        self, pixels: list[int], deadline: float, context: Any = None, at_once: int = 1
+    ) -> Stream:
+        """Admit a submitter's whole work (`pixels`: each job's, in order) to be queued
+        `at_once` jobs at a time through the returned stream, or raise Rejected. Its
+        predicted completion counts the work of the streams already open."""
+        self._admit(pixels[:at_once], pixels, deadline, behind_streams=True)
+        stream = Stream(self, sum(pixels), deadline, context)
+        self._streams.add(stream)
+        return stream
+
+    def _admit(
+        self, first: list[int], pixels: list[int], deadline: float, behind_streams: bool = False
+    ) -> None:
+        """Raise Rejected unless `first` fits the queue now and all of `pixels` is predicted
+        done by `deadline`."""
         if self._stopping:
             raise ShuttingDown("the server is shutting down", retry_after=5)
-        pixels = [h * w for _, (h, w) in payloads]
-        if self.depth + len(payloads) > self.max_queue:
+        if self.depth + len(first) > self.max_queue:
             raise QueueFull(
                 f"queue full ({self.depth} of {self.max_queue} images waiting)",
                 self.predicted_wait([]),
             )
         queued_pixels = sum(j.pixels for j in self.waiting)
-        if queued_pixels + sum(pixels) > self.max_queued_pixels:
+        if queued_pixels + sum(first) > self.max_queued_pixels:
             raise QueueFull(
                 f"queue full ({queued_pixels / 1e6:.1f} of {self.max_queued_pixels / 1e6:.1f} "
                 "megapixels waiting)",
                 self.predicted_wait([]),
             )
         now = self.clock()
-        wait = self.predicted_wait(pixels)
+        wait = self.predicted_wait(pixels, behind_streams)
         if now + wait > deadline:
             raise Overloaded(
                 f"overloaded: the predicted wait of {wait:.2f} s is past the "
                 f"{max(0.0, deadline - now):.2f} s left to this request",
                 wait,
             )
-        loop = asyncio.get_running_loop()
-        jobs = [
-            Job(payload, size, deadline, loop.create_future(), now, context)
-            for payload, size in payloads
-        ]
-        self.pending.extend(jobs)
+
+    def _queue(self, payload: Any, size: tuple[int, int], deadline: float, context: Any) -> Job:
+        future = asyncio.get_running_loop().create_future()
+        job = Job(payload, size, deadline, future, self.clock(), context)
+        self.pending.append(job)
         self._wake.set()
-        return jobs
+        return job
+
+    def _close(self, stream: Stream) -> None:
+        self._streams.discard(stream)
+        self._wake.set()
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -280,7 +338,7 @@ class Batcher:
         while True:
             self._drop_dead()
             if not self.pending:
-                if self._stopping:
+                if self._stopping and not self._streams:
                     break
                 self._wake.clear()
                 await self._wake.wait()

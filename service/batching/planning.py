@@ -49,9 +49,17 @@ class CostModel:
         sxx = sum((x - mx) ** 2 for x in xs)
         if n >= 2 and sxx > 0:
             slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-            if slope > 0:
-                self.per_pixel, self.fixed = slope, max(0.0, my - slope * mx)
+            if slope > 0 and my - slope * mx >= 0:
+                self.per_pixel, self.fixed = slope, my - slope * mx
                 return
+            # A line through noisy runs of nearby sizes can come out steeper than any run
+            # (and cross zero): extrapolated to a large image it predicts several times its
+            # cost and refuses it. Through the origin instead: no fixed part, the runs' rate.
+            self.per_pixel = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(
+                x * x for x in xs
+            )
+            self.fixed = 0.0
+            return
         if mx > 0:  # one size only: keep the fixed part, put the rest on the pixels
             self.per_pixel = max(my - self.fixed, 0.0) / mx or self.per_pixel
 
