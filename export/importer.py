@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from segserve.contracts.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard
+from segserve.contracts.card import DEFAULT_FIT_PIXELS, IMAGENET_MEAN, IMAGENET_STD, ModelCard
 from segserve.contracts.palette import VOC_CLASSES, voc_palette
 from segserve.contracts.repository import next_version, publishing, version_dir, write_version
 from segserve.errors import UserError
@@ -149,8 +149,14 @@ def describe(
     input_layout: str | None = None,
     size_divisor: int = 1,
     architecture: str = "imported",
+    scale: str = "fit",
+    tile_halo: int | None = None,
+    fit_pixels: int = DEFAULT_FIT_PIXELS,
 ) -> ModelCard:
-    """The card for a foreign ONNX file, from its graph and the options."""
+    """The card for a foreign ONNX file, from its graph and the options. A foreign network's
+    training scale is unknown: by default it is served `fit` (scaled to `fit_pixels`, what
+    a model trained on photos of one size expects); `scale="native"` tiles large images
+    with `tile_halo` px of context (default: DEFAULT_TILE_HALO, unmeasured)."""
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several kinds
@@ -186,6 +192,9 @@ def describe(
         size_divisor=size_divisor,
         producer=f"segserve import ({model.producer_name})",
         trained_on="unknown (imported)",
+        scale_policy=scale,
+        fit_pixels=fit_pixels,
+        tile_halo=tile_halo,
     )
 
 

@@ -25,7 +25,8 @@ import onnx
 import torch
 from torch import nn
 
-from segserve.contracts.card import ModelCard
+from segserve.contracts.architectures import tile_halo as architecture_halo
+from segserve.contracts.card import DEFAULT_FIT_PIXELS, ModelCard
 from segserve.contracts.repository import (
     MODEL_FILE,
     next_version,
@@ -100,7 +101,15 @@ class ParityReport:
 
 
 def model_card(
-    ckpt: dict, name: str, version: int, fp16: bool, labels: bool, uint8_input: bool
+    ckpt: dict,
+    name: str,
+    version: int,
+    fp16: bool,
+    labels: bool,
+    uint8_input: bool,
+    scale: str = "native",
+    tile_halo: int | None = None,
+    fit_pixels: int = DEFAULT_FIT_PIXELS,
 ) -> ModelCard:
     """The card of what is being exported: the checkpoint's fields and the export's own."""
     return ModelCard.from_checkpoint(
@@ -114,6 +123,9 @@ def model_card(
         exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         torch_version=str(torch.__version__),
         opset=OPSET,
+        scale_policy=scale,
+        fit_pixels=fit_pixels,
+        tile_halo=tile_halo if tile_halo is not None else architecture_halo(ckpt["architecture"]),
     )
 
 
@@ -238,9 +250,15 @@ def export_checkpoint(
     optimize: bool = False,
     parity_shapes=PARITY_SHAPES,
     log=print,
+    scale: str = "native",
+    tile_halo: int | None = None,
+    fit_pixels: int = DEFAULT_FIT_PIXELS,
 ) -> ExportResult:
     """Export a checkpoint into REPO/NAME/VERSION. `output`: labels | logits; `input`: uint8
-    (NHWC pixels, normalised in the graph) | float (NCHW, normalised by the caller)."""
+    (NHWC pixels, normalised in the graph) | float (NCHW, normalised by the caller).
+    `scale`: native (segserve's networks are fully convolutional and trained at the scale of
+    their images: large images run in tiles with the architecture's measured halo) or fit
+    (scaled to `fit_pixels` first)."""
     if output not in ("labels", "logits") or input not in ("uint8", "float"):
         raise ValueError(
             f"output must be labels or logits, input uint8 or float ({output}, {input})"
@@ -254,7 +272,17 @@ def export_checkpoint(
     net = model_from_checkpoint(ckpt).eval()
     repository = Path(repository)
     version = next_version(repository, name) if version is None else int(version)
-    card = model_card(ckpt, name, version, fp16, output == "labels", input == "uint8")
+    card = model_card(
+        ckpt,
+        name,
+        version,
+        fp16,
+        output == "labels",
+        input == "uint8",
+        scale,
+        tile_halo,
+        fit_pixels,
+    )
     with publishing(repository, name, version, force) as folder:
         raw = folder / "raw.onnx"
         log(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from segserve.contracts.architectures import MODEL_NAMES
+from segserve.contracts.card import DEFAULT_FIT_PIXELS, SCALE_POLICIES
 from segserve.errors import UserError
 
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns
@@ -297,6 +298,29 @@ def add_version_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing version")
 
 
+def add_scale_options(p: argparse.ArgumentParser, default: str, why: str) -> None:
+    """How the card says the network meets a large image (docs/design.md, "Scale")."""
+    p.add_argument(
+        "--scale",
+        choices=SCALE_POLICIES,
+        default=default,
+        help=f"the scale policy requests get unless they ask for the other; {default}: {why}",
+    )
+    p.add_argument(
+        "--tile-halo",
+        type=int,
+        default=None,
+        help="native: px of context each tile brings around what it keeps (default: the "
+        "architecture's measured halo, contracts/architectures.py; 128 for a foreign network)",
+    )
+    p.add_argument(
+        "--fit-pixels",
+        type=int,
+        default=DEFAULT_FIT_PIXELS,
+        help="fit: the working size images are scaled down to, in pixels",
+    )
+
+
 def add_export(sub: Subcommands) -> None:
     p = command(sub, "export", run_export, help="checkpoint -> ONNX in the model repository")
     p.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint")
@@ -315,6 +339,13 @@ def add_export(sub: Subcommands) -> None:
         choices=("uint8", "float"),
         default="uint8",
         help="uint8: [N,H,W,3] pixels normalised in the graph; float: [N,3,H,W], by the caller",
+    )
+    add_scale_options(
+        p,
+        "native",
+        "the network sees the image at its own resolution, in "
+        "overlapping tiles past one tile (segserve's networks are fully "
+        "convolutional and trained at the scale of their images)",
     )
     p.add_argument(
         "--optimize",
@@ -338,6 +369,9 @@ def run_export(args: argparse.Namespace) -> int:
         input=args.input,
         force=args.force,
         optimize=args.optimize,
+        scale=args.scale,
+        tile_halo=args.tile_halo,
+        fit_pixels=args.fit_pixels,
     )
     p = result.parity
     shapes = [
@@ -410,6 +444,12 @@ def add_import(sub: Subcommands) -> None:
         help="the stride the network needs its input padded to when batching sizes together",
     )
     p.add_argument("--architecture", default="imported", help="a name for the card")
+    add_scale_options(
+        p,
+        "fit",
+        "images are scaled to --fit-pixels first (a foreign network's "
+        "training scale is unknown, and photos-trained networks expect this)",
+    )
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -428,9 +468,21 @@ def run_import(args: argparse.Namespace) -> int:
         input_layout=args.input_layout,
         size_divisor=args.size_divisor,
         architecture=args.architecture,
+        scale=args.scale,
+        tile_halo=args.tile_halo,
+        fit_pixels=args.fit_pixels,
     )
     card = json.loads((folder / "model.json").read_text())
-    keys = ("input_name", "input_dtype", "input_layout", "output_name", "output", "num_classes")
+    keys = (
+        "input_name",
+        "input_dtype",
+        "input_layout",
+        "output_name",
+        "output",
+        "num_classes",
+        "scale_policy",
+        "tile_halo",
+    )
     summary([("written", folder / "model.onnx"), *((k, card[k]) for k in keys)])
     return 0
 
@@ -449,13 +501,20 @@ def add_predict(sub: Subcommands) -> None:
         default="png",
         help="png: label PNG (palette mode); overlay: the image with class colours",
     )
+    p.add_argument(
+        "--scale",
+        choices=SCALE_POLICIES,
+        default=None,
+        help="native: at the image's own resolution, in tiles past one tile; fit: scaled "
+        "down first (default: the model card's)",
+    )
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """The same steps and limits as POST /segment (SEGSERVE_* settings apply)."""
     from segserve.service.predict import predict_files
 
-    predict_files(args.images, args.model, args.out, args.format)
+    predict_files(args.images, args.model, args.out, args.format, scale=args.scale)
     return 0
 
 

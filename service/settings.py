@@ -34,6 +34,15 @@ def parse_list(text: str) -> tuple[str, ...]:
 
 
 DEFAULT_BATCH_SIZES = {"cpu": 4, "cuda": 8, "tensorrt": 8}
+# The side of the tiles a native image larger than one tile runs in, by provider. CPU:
+# measured (docs/benchmarks.md, "Tile size"): a tile costs the same per pixel from 512 to
+# 880 px (0.61 s per computed megapixel, U-Net w16, two AVX2 cores); 640 px computes the
+# fewest pixels per image pixel over six common large sizes (1.63x, halos and shifted last
+# tiles included) and is the shortest run of those (0.25 s): the longest a small request
+# waits beside a large image. Images up to the CPU batch bound (0.8 MP) still run whole.
+# GPU: a larger tile wastes less on halos and fills a batch; 1536 is a setting to measure
+# (no GPU has measured it yet).
+DEFAULT_TILE_SIZES = {"cpu": 640, "cuda": 1536, "tensorrt": 1536}
 # onnxruntime runs on at least this many pixels hand the CPU arena's memory back when they
 # finish; smaller ones keep it for the next run: a photo (VGA is 0.31 MP) and CPU batches of
 # a few (three 512x512 images are 0.79 MP), which the batcher keeps under it.
@@ -79,6 +88,18 @@ class Settings(BaseSettings):
     max_batch_pixels: int = Field(16_000_000, ge=1)
     max_queued_pixels: int = Field(32_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    # A large image computes longer than any queue should make a request wait: its deadline
+    # grows by this many seconds per megapixel the network computes past the first (a 40 MP
+    # image: 30 + 78 s; it takes 50-60 s alone on two AVX2 cores, docs/benchmarks.md).
+    timeout_s_per_megapixel: float = Field(2.0, ge=0)
+
+    # -- scale --------------------------------------------------------------------------
+    # The side of a tile (None: by provider, DEFAULT_TILE_SIZES), rounded down to the model's
+    # size divisor and raised to four times its halo where the halo needs it. A native image
+    # of more than tile_size**2 pixels runs in tiles; smaller ones run whole.
+    tile_size: int | None = Field(None, ge=16, le=8192)
+    # The working size of the fit policy, for every model (None: each card's fit_pixels).
+    fit_pixels: int | None = Field(None, ge=1)
     # After SIGTERM: seconds of answering requests while unready (and closing keep-alive
     # connections), so that a balancer sees the replica go before it stops listening
     # (service/server.py). Set it above the balancer's health-check interval x failures.
@@ -94,14 +115,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)  # per image, from its header: 413 beyond
     max_request_pixels: int = Field(40_000_000, ge=1)  # all images of one request together
     max_images_per_request: int = Field(16, ge=1)  # v2 infer
-    # Images above this run scaled down to it; their labels are scaled back (nearest) to the
-    # image's own size. A network's activations cost hundreds of MB per megapixel (measured,
-    # width-16 U-Net on CPU: about 390 MB/MP): 1 MP keeps a CPU server under 1 GiB with any
-    # traffic (docs/benchmarks.md). Raise it where memory allows (the GPU compose profile: 4 MP).
-    max_inference_pixels: int = Field(1_000_000, ge=1)
-    # Pixels decoded, inferred and rendered at once across requests (about 8 bytes each at
-    # the peak of a decode): a request waits for its share, or 503 at its deadline.
-    max_inflight_pixels: int = Field(40_000_000, ge=1)
+    # Pixels decoded, inferred and rendered at once across requests (a native image holds
+    # about 4 bytes a pixel: its RGB and its labels, 6 at the peak of its decode; a network's
+    # activations are bounded by the tile, not the image): a request waits for its share, or
+    # 503 at its deadline. Above max_image_pixels, so that small requests still find room
+    # beside the largest image allowed.
+    max_inflight_pixels: int = Field(48_000_000, ge=1)
 
     # -- who may call what -----------------------------------------------------------------
     # With an API key: /segment, /models, /v2 (but /v2/health) and, unless public, /docs and
@@ -139,6 +158,9 @@ class Settings(BaseSettings):
 
     def batch_size_for(self, provider: str) -> int:
         return self.max_batch_size or DEFAULT_BATCH_SIZES.get(provider, 1)
+
+    def tile_size_for(self, provider: str) -> int:
+        return self.tile_size or DEFAULT_TILE_SIZES.get(provider, DEFAULT_TILE_SIZES["cpu"])
 
     @property
     def warmup(self) -> list[tuple[int, int]]:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from helpers import image_bytes, require_tool, run_server
 from segserve.default_model import install
+from segserve.training.synth import DEFAULT_MODEL_SET, JPEG_QUALITY, SynthConfig, render_mosaic
 
 KEY = "page-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -217,3 +218,45 @@ def test_swagger_ui_renders_offline_with_an_image_upload_for_segment(server, bro
         "return performance.getEntriesByType('resource').map(e => e.name)"
     )
     assert sources and all(s.startswith(server.url) for s in sources), sources
+
+
+def test_a_6_megapixel_upload_is_segmented_at_its_own_size_and_shown_scaled(
+    server, browser, tmp_path
+):
+    """A 3000x2000 photo of fresh samples: the server runs it in tiles at its own resolution,
+    the page says so and draws the result scaled to at most 2 MP, the label PNG to download
+    at full size."""
+    driver = browser
+    driver.get(server.url + "/")
+    driver.execute_script(f"sessionStorage.setItem('segserve-api-key', '{KEY}')")
+    driver.get(server.url + "/")
+    wait_for(driver, lambda d: page_state(d) == "ready")
+    config = SynthConfig(count=10**6, seed=31, **DEFAULT_MODEL_SET)
+    rgb, _, _ = render_mosaic(config, (2000, 3000))
+    path = tmp_path / "large.jpg"
+    Image.fromarray(rgb).save(path, "JPEG", quality=JPEG_QUALITY)
+    upload(driver, path)
+    wait_for(driver, lambda d: page_state(d) in ("done", "error"), seconds=120)
+    assert page_state(driver) == "done", driver.find_element("id", "status").text
+    said = driver.find_element("id", "inference").text
+    assert (
+        said.startswith("Segmented at its own resolution, 3000×2000, in ") and " tiles of " in said
+    )
+    assert "Shown at 58 % (1732×1155)" in said
+    for canvas in ("overlay", "labels"):
+        size = driver.execute_script(
+            f"const c = document.getElementById('{canvas}'); return [c.width, c.height]"
+        )
+        assert size == [1732, 1155]
+    href = driver.find_element("id", "download-png").get_attribute("href")
+    full = driver.execute_async_script(
+        # An <img>, as a user opening the link would see it (the page's CSP allows blob:
+        # images, not fetches of them).
+        "const done = arguments[1]; const i = new Image();"
+        "i.onload = () => done([i.naturalWidth, i.naturalHeight]);"
+        "i.onerror = () => done('the label PNG did not load'); i.src = arguments[0];",
+        href,
+    )
+    assert full == [3000, 2000]
+    driver.execute_script("document.getElementById('result').scrollIntoView()")
+    screenshot(driver, "large-image.png")

@@ -63,6 +63,12 @@ def test_export_writes_a_versioned_model_with_metadata(unet_export):
     # checkpoint -> model.json -> what onnxruntime reads: the same card.
     assert ModelCard.from_metadata(meta) == ModelCard.from_dict(card) == unet_export.card
     assert card["class_names"] == ["background", "class1", "class2", "class3"]
+    # segserve's networks run at the images' own scale, with U-Net's measured halo
+    assert (card["scale_policy"], card["tile_halo"], meta["scale_policy"]) == (
+        "native",
+        80,
+        "native",
+    )
     assert json.loads(meta["mean"]) == IMAGENET_MEAN and json.loads(meta["std"]) == IMAGENET_STD
     assert json.loads(meta["metrics"])["mean_iu"] == 0.7
     for key in (

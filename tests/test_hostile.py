@@ -244,31 +244,40 @@ def test_multipart_strictness(app):
         assert r.status_code == 415, content_type
 
 
-def test_large_images_run_scaled_down_and_get_labels_at_their_own_size(tiny_repository):
-    with in_process(tiny_repository, max_inference_pixels=10_000) as app:
+def test_images_asked_to_fit_run_scaled_down_and_get_labels_at_their_own_size(tiny_repository):
+    with in_process(tiny_repository, fit_pixels=10_000) as app:
         data = encode(photo(200, 300, seed=3), "PNG")
-        r = app.post("/segment", content=data, headers=PNG)
+        r = app.post("/segment", params={"scale": "fit"}, content=data, headers=PNG)
         assert r.status_code == 200 and r.headers["x-inference-size"] == "122x81"
+        assert r.headers["x-scale"] == "fit" and r.headers["x-tiles"] == "1"
         labels = np.asarray(Image.open(io.BytesIO(r.content)))
         assert labels.shape == (200, 300)
         small = decode_image(data, 10**6, fit_pixels=10_000)
         (expected,) = app.service.registry.get("tiny").engine.segment([small])
         assert np.array_equal(labels, resize_labels(expected, 200, 300))
-        body = app.post("/segment", params={"format": "json"}, content=data, headers=PNG).json()
-        assert body["inference_size"] == [122, 81] and (body["width"], body["height"]) == (300, 200)
-        overlay = app.post("/segment", params={"format": "overlay"}, content=data, headers=PNG)
+        fit = {"scale": "fit"}
+        body = app.post("/segment", params={"format": "json", **fit}, content=data, headers=PNG)
+        inference = {"policy": "fit", "height": 81, "width": 122, "tiles": 1}
+        assert body.json()["inference"] == inference
+        assert (body.json()["width"], body.json()["height"]) == (300, 200)
+        overlay = app.post(
+            "/segment", params={"format": "overlay", **fit}, content=data, headers=PNG
+        )
         assert Image.open(io.BytesIO(overlay.content)).size == (300, 200)
-        small_one = app.post("/segment", content=image_bytes(50, 50), headers=PNG)
-        assert "x-inference-size" not in small_one.headers
+        native = app.post("/segment", content=data, headers=PNG)  # the model's own policy
+        assert (native.headers["x-scale"], native.headers["x-inference-size"]) == (
+            "native",
+            "300x200",
+        )
 
 
-def test_a_12_megapixel_photo_gets_full_size_labels(app):
+def test_a_12_megapixel_photo_runs_in_tiles_at_its_own_size(app):
     photo_bytes = encode(photo(300, 400).resize((4000, 3000)), "JPEG", quality=85)
     r = app.post("/segment", content=photo_bytes, headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200
     assert Image.open(io.BytesIO(r.content)).size == (4000, 3000)
-    w, h = (int(v) for v in r.headers["x-inference-size"].split("x"))
-    assert w * h <= 1_000_000 and abs(w / h - 4 / 3) < 0.01
+    assert r.headers["x-scale"] == "native" and r.headers["x-inference-size"] == "4000x3000"
+    assert int(r.headers["x-tiles"]) > 1
 
 
 def test_a_client_that_leaves_while_queued_costs_no_inference(tiny_repository):

@@ -54,6 +54,10 @@ def test_a_torchvision_export_is_imported_with_a_complete_card(lraspp, tmp_path)
     assert card.class_names == ["class0", "class1", "class2", "class3", "class4"]
     voc = describe(path, "lraspp", classes=None)
     assert voc.mean == [0.485, 0.456, 0.406]
+    # a foreign network's training scale is unknown: fit, unless the importer says native
+    assert (card.scale_policy, card.fit_pixels, card.tile_halo) == ("fit", 1_000_000, 128)
+    native = describe(path, "lraspp", scale="native", tile_halo=96)
+    assert (native.scale_policy, native.tile_halo) == ("native", 96)
     with pytest.raises(ImportRefused, match="names 21 classes; the output has 5"):
         describe(path, "lraspp", classes="voc")
 

@@ -57,7 +57,7 @@ def test_a_request_runs_decode_segment_and_render_and_times_each_stage(tiny_repo
     assert budget_left == 0  # the lease gave its pixels back
 
 
-def test_large_pixels_run_scaled_down_and_come_back_at_their_own_size(tiny_repository):
+def test_pixels_asked_to_fit_run_scaled_down_and_come_back_at_their_own_size(tiny_repository):
     pixels = np.random.default_rng(0).integers(0, 256, (2, 60, 80, 3), dtype=np.uint8)
     request = InferRequest.model_validate(
         {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 60, 80, 3], "data": [0]}]}
@@ -66,7 +66,8 @@ def test_large_pixels_run_scaled_down_and_come_back_at_their_own_size(tiny_repos
     async def steps(svc):
         model, timings = svc.registry.get(None), Timings(30)
         async with svc.lease() as lease:
-            images = await svc.from_pixels(pixels, model, timings, lease)
+            plan = svc.scale_plan(model, "fit")
+            images = await svc.from_pixels(pixels, model, timings, lease, plan)
             labels = await svc.segment(model, images, timings)
             answer = await svc.encode_labels(
                 images,
@@ -76,10 +77,9 @@ def test_large_pixels_run_scaled_down_and_come_back_at_their_own_size(tiny_repos
             )
         return images, labels, answer, timings
 
-    images, labels, (body, media, _), timings = serve(
-        tiny_repository, steps, max_inference_pixels=1200
-    )
+    images, labels, (body, media, _), timings = serve(tiny_repository, steps, fit_pixels=1200)
     assert [im.scaled for im in images] == [True, True] and labels[0].shape == (30, 40)
+    assert images[0].inference() == {"policy": "fit", "height": 30, "width": 40, "tiles": 1}
     out = json.loads(body)["outputs"][0]
     assert media == "application/json" and out["shape"] == [2, 60, 80]
     assert {Stage.POSTPROCESS, Stage.ENCODE} <= set(timings.seconds)

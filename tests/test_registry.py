@@ -142,3 +142,20 @@ def test_a_batch_run_adds_its_stages_to_each_request_once_and_counts_the_batch()
     record_batch(metrics, "m", BatchRun(jobs[:1], 13.0, 0.0, 0.1, 32 * 32, failed=True))
     assert sample("segserve_batch_size_count", {"model": "m"}) == 1  # a failed run: no batch
     assert Stage.INFERENCE in timings.seconds and timings.seconds[Stage.INFERENCE] == 0.5
+
+
+def test_a_model_that_runs_large_images_in_tiles_is_warmed_and_timed_at_its_tile_too(repo):
+    async def main():
+        models = registry(repo, tile_size=400)
+        await models.start()
+        try:
+            model = models.get("tiny")
+            return models.warm_shapes(model.engine), model.card, list(model.batcher.cost._runs)
+        finally:
+            await models.stop()
+
+    shapes, card, runs = asyncio.run(main())
+    assert card.scale_policy == "native"  # exported: segserve's networks run native
+    side = shapes[-1][0]
+    assert shapes == [(32, 32), (side, side)] and 400 - card.size_divisor < side <= 400
+    assert {p for p, _ in runs} == {32 * 32, side * side}  # the timed (second) runs

@@ -237,6 +237,17 @@ def test_models_listing_and_palette_legend(app):
     assert model["classes"][1]["color"] == [20, 235, 5]
     assert model["input"]["size_divisor"] == 16 and len(model["input"]["mean"]) == 3
     assert model["card"]["architecture"] == "unet" and model["card"]["metrics"]["mean_iu"] == 0.7
+    assert model["scale"] == {
+        "policy": "native",
+        "policies": ["native", "fit"],
+        "fit_pixels": 1_000_000,
+        "tile": 640,
+        "halo": 80,
+    }  # the tile of this server's provider (CPU), the halo of the card
+    wrong = app.post(
+        "/segment", params={"scale": "sideways"}, content=image_bytes(8, 8), headers=PNG
+    )
+    assert wrong.status_code == 422
     legend = app.get("/models/tiny/palette.png")
     assert legend.status_code == 200 and Image.open(io.BytesIO(legend.content)).height >= 4 * 20
     assert legend.headers["x-model"] == "tiny"
@@ -571,3 +582,28 @@ def test_liveness_answers_while_the_engine_is_busy_and_requests_queue(tiny_repos
         assert not any(f.done() for f in sent)  # they were still waiting meanwhile
         held.gate.set()
         assert [f.result(60).status_code for f in sent] == [200] * 3
+
+
+def test_a_small_request_beside_a_large_image_waits_for_one_tile_not_for_the_image(
+    tiny_repository,
+):
+    """A 512x512 image in 256-px tiles, one tile a run: a 32x32 request sent while the first
+    tile runs is the very next run, ahead of the image's other eight tiles."""
+    # (the arena bound at 50,000 px: no image past one tile runs whole)
+    with in_process(
+        tiny_repository, tile_size=256, max_batch_size=1, arena_shrink_pixels=50_000
+    ) as app:
+        batcher = app.service.registry.get("tiny").batcher
+        with held_engine(app) as held:
+            large = post_later(app, "/segment", content=image_bytes(512, 512), headers=PNG)
+            assert held.running.wait(30)
+            small = post_later(app, "/segment", content=image_bytes(32, 32), headers=PNG)
+            wait_for(lambda: batcher.depth >= 1, what="the small request queued")
+            held.gate.set()
+            answers = [small.result(60), large.result(60)]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert answers[1].headers["x-tiles"] == "9"
+        assert held.runs[1] == [(32, 32)] and len(held.runs) == 10
+        assert all(
+            len(run) == 1 and run[0] != (32, 32) for i, run in enumerate(held.runs) if i != 1
+        )

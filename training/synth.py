@@ -251,6 +251,39 @@ def render_sample(config: SynthConfig, index: int) -> tuple[Image.Image, Image.I
     return rgb, target
 
 
+# Between the samples of a mosaic: the mean colour, as training pads a crop's borders with it
+# (segserve train --border-margin): each sample keeps borders of the kind it was trained on.
+MOSAIC_FILL = (124, 116, 104)  # ImageNet's mean, 0..255
+
+
+def render_mosaic(
+    config: SynthConfig, size: tuple[int, int], first: int = 0, gap: int = 16
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Samples `first`, `first + 1`, ... of the data set laid side by side, each at its own
+    size and `gap` px apart, in rows across an (H, W) canvas: a large image whose every
+    object is at the scale the samples have (what overlap-tile inference is for). Returns
+    the RGB pixels, the labels (255 between samples) and how many samples it holds, each
+    whole: a sample the canvas would cut is left out."""
+    height, width = size
+    rgb = np.empty((height, width, 3), np.uint8)
+    rgb[:] = MOSAIC_FILL
+    labels = np.full((height, width), IGNORE_LABEL, np.uint8)
+    index, top = first, gap
+    while top + config.max_size + gap <= height:
+        left, row_height = gap, 0
+        while True:
+            image, target = render_sample(config, index)
+            w, h = image.size
+            if left + w + gap > width:
+                break  # next row: this sample is drawn again there
+            index += 1
+            rgb[top : top + h, left : left + w] = np.asarray(image)
+            labels[top : top + h, left : left + w] = np.asarray(target)
+            left, row_height = left + w + gap, max(row_height, h)
+        top += row_height + gap
+    return rgb, labels, index - first
+
+
 def synth_palette() -> list[list[int]]:
     return voc_palette(len(SYNTH_CLASSES))
 

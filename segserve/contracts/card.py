@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from segserve.contracts.architectures import size_divisor
+from segserve.contracts.architectures import size_divisor, tile_halo
 from segserve.contracts.palette import pil_palette
 from segserve.errors import UserError
 
@@ -30,6 +30,12 @@ SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
 SCORE_LABELS = dict(zip(SCORES, ("pixel acc", "mean acc", "mean IU", "f.w. IU"), strict=True))
 
 INPUT_DTYPES = ("uint8", "float32", "float16")
+# How the network meets an image: "native" at the image's own resolution (in overlapping tiles
+# once it is larger than one tile), or "fit": scaled down to `fit_pixels` first, for networks
+# trained on photos at one scale. Cards written before either existed are "fit" (what the
+# service did then).
+SCALE_POLICIES = ("native", "fit")
+DEFAULT_FIT_PIXELS = 1_000_000
 INPUT_LAYOUTS = ("NHWC", "NCHW")
 OUTPUTS = ("labels", "logits")
 # The keys a card cannot do without; every other field has a default.
@@ -79,6 +85,15 @@ class ModelCard:
     parity: dict[str, Any] | None = None
     # How the weights came to be: commit, command, device and arithmetic, wall time (train).
     provenance: dict[str, Any] | None = None
+    # The scale policy (SCALE_POLICIES) a request gets unless it asks for another of
+    # `scale_policies`; fit's working size; the context each tile brings around what it keeps
+    # (None: the architecture's measured halo); a tile side the network needs (None: the
+    # server's, by provider).
+    scale_policy: str = "fit"
+    scale_policies: list[str] = field(default_factory=lambda: list(SCALE_POLICIES))
+    fit_pixels: int = DEFAULT_FIT_PIXELS
+    tile_halo: int | None = None
+    tile_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.output_name:
@@ -86,6 +101,8 @@ class ModelCard:
         if not self.precision:
             float_input = self.input_dtype if self.input_dtype != "uint8" else "float32"
             object.__setattr__(self, "precision", float_input)
+        if self.tile_halo is None:
+            object.__setattr__(self, "tile_halo", tile_halo(self.architecture))
         problems = []
         if self.input_dtype not in INPUT_DTYPES:
             problems.append(f"input_dtype must be one of {INPUT_DTYPES}, not {self.input_dtype!r}")
@@ -109,6 +126,18 @@ class ModelCard:
             problems.append(f"size_divisor must be at least 1, not {self.size_divisor}")
         if self.output == "labels" and self.num_classes > 256:
             problems.append("a labels output is uint8: at most 256 classes")
+        if not self.scale_policies or any(p not in SCALE_POLICIES for p in self.scale_policies):
+            problems.append(f"scale_policies must name some of {SCALE_POLICIES}")
+        elif self.scale_policy not in self.scale_policies:
+            problems.append(
+                f"scale_policy {self.scale_policy!r} is not one of {self.scale_policies}"
+            )
+        if self.fit_pixels < 1 or self.tile_halo < 0:
+            problems.append("fit_pixels must be positive and tile_halo not negative")
+        if self.tile_size is not None and self.tile_size <= 2 * self.tile_halo:
+            problems.append(
+                f"a {self.tile_size}-px tile keeps nothing with a {self.tile_halo}-px halo"
+            )
         if problems:
             raise ModelCardError("model card: " + "; ".join(problems))
 

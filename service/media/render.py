@@ -125,15 +125,25 @@ def encode_label_png(labels: np.ndarray, palette: list[list[int]] | bytes) -> by
     return buf.getvalue()
 
 
+# Rows blended at a time: the float temporaries stay a strip's, never the image's (a 40 MP
+# image would otherwise need about a gigabyte of float32 for its overlay).
+OVERLAY_STRIP_PIXELS = 1 << 20
+
+
 def overlay(
     rgb: np.ndarray, labels: np.ndarray, palette: list[list[int]], alpha: float = 0.5
 ) -> np.ndarray:
     """The image blended with class colours; background (class 0) left untouched."""
-    colors = palette_array(palette)[labels].astype(np.float32)
-    out = rgb.astype(np.float32)
-    fg = labels > 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * colors[fg]
-    return out.round().astype(np.uint8)
+    colors = palette_array(palette)
+    out = np.empty_like(rgb)
+    rows = max(1, OVERLAY_STRIP_PIXELS // max(1, rgb.shape[1]))
+    for top in range(0, rgb.shape[0], rows):
+        strip, lab = rgb[top : top + rows], labels[top : top + rows]
+        blended = strip.astype(np.float32)
+        fg = lab > 0
+        blended[fg] = (1 - alpha) * blended[fg] + alpha * colors[lab[fg]]
+        out[top : top + rows] = blended.round()
+    return out
 
 
 def encode_rgb(rgb: np.ndarray, fmt: str = "PNG", compress_level: int = 1) -> bytes:

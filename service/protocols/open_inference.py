@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,6 +32,8 @@ class Parameters(BaseModel):
     binary_data_size: Annotated[int, Field(ge=0)] | None = None
     binary_data: bool | None = None
     binary_data_output: bool | None = None
+    # segserve's own, request-level: the scale policy (native or fit; default: the model's).
+    scale: Literal["native", "fit"] | None = None
 
 
 class InferInput(BaseModel):

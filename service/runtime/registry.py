@@ -22,6 +22,7 @@ from segserve.contracts.repository import VersionEntry, walk
 from segserve.service.batching.batcher import Batcher, BatchRun
 from segserve.service.batching.planning import BatchLimits, CostModel
 from segserve.service.errors import ServiceError
+from segserve.service.media.tiling import ScalePlan
 from segserve.service.runtime.engine import Engine
 from segserve.service.runtime.providers import ProviderUnavailable
 from segserve.service.settings import Settings
@@ -272,10 +273,25 @@ class ModelRegistry:
         )
         return ServedModel(entry.name, entry.version, engine, batcher)
 
+    def warm_shapes(self, engine: Engine) -> list[tuple[int, int]]:
+        """The warm-up shapes, and the tile of a model that may run large images in tiles:
+        the shape every large image runs, and the one its first prediction needs (from
+        small shapes alone the cost model overrates a tile: fixed costs weigh more there,
+        and a 12 MP image on a fresh server was refused as past its deadline)."""
+        shapes = list(self.settings.warmup)
+        card = engine.card
+        if "native" in card.scale_policies:
+            plan = ScalePlan.for_card(card, "native", self.settings.tile_size_for(engine.provider))
+            shapes.append((plan.tile, plan.tile))
+        return list(dict.fromkeys(shapes))
+
     def _warm(self, model: ServedModel) -> None:
-        """Run the warm-up shapes once each (first runs allocate and pick kernels) and give
-        the cost model its first measurements, before the model takes traffic."""
-        for h, w in self.settings.warmup:
+        """Run the warm-up shapes once (first runs allocate and pick kernels), then once
+        more, timed: the cost model's first measurements, before the model takes traffic."""
+        shapes = self.warm_shapes(model.engine)
+        for h, w in shapes:
+            model.engine.segment([np.zeros((h, w, 3), np.uint8)])
+        for h, w in shapes:
             t0 = time.perf_counter()
             model.engine.segment([np.zeros((h, w, 3), np.uint8)])
             model.batcher.cost.observe(h * w, time.perf_counter() - t0)

@@ -55,6 +55,10 @@ class Timings:
     def longest(self, stage: Stage, seconds: float) -> None:
         self.seconds[stage] = max(self.seconds.get(stage, 0.0), seconds)
 
+    def extend(self, seconds: float) -> None:
+        """Move the deadline later (a large image, once its size is known)."""
+        self.deadline += max(0.0, seconds)
+
     def elapsed(self) -> float:
         return time.monotonic() - self.arrived
 

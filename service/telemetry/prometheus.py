@@ -131,6 +131,9 @@ class ServiceMetrics:
         self.inflight = Gauge("segserve_inflight_requests", "Requests being handled", registry=r)
         self.image_pixels = Histogram("segserve_image_pixels", "Decoded image size in pixels", buckets=PIXEL_BUCKETS, registry=r)
         self.rejected = Counter("segserve_rejected_total", "Requests refused before inference", ["reason"], registry=r)
+        # What was done to each image: run at its own size (native) or scaled (fit), whole or in tiles.
+        self.images = Counter("segserve_images_total", "Images segmented, by scale policy and whether they ran in tiles", ["model", "policy", "tiled"], registry=r)
+        self.tiles = Counter("segserve_tiles_total", "Tiles run for images larger than one tile", ["model"], registry=r)
         # Batches as they run: how full, and how much of what they computed was padding.
         self.batch_size = Histogram("segserve_batch_size", "Images per session.run", ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_pixels = Counter("segserve_batch_pixels_total", "Pixels computed by session.run, padding included", ["model"], registry=r)

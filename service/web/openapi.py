@@ -44,14 +44,23 @@ class RunLength(BaseModel):
     counts: list[int] = Field(description="run lengths, column-major, starting with a 0-run")
 
 
+class Inference(BaseModel):
+    """What was done to the image before and while the network saw it."""
+
+    policy: str = Field(description="native: at its own resolution; fit: scaled down first")
+    height: int = Field(description="the height the network saw the image at")
+    width: int = Field(description="the width the network saw the image at")
+    tiles: int = Field(description="tiles it ran in (1: whole)")
+    tile: int | None = Field(None, description="the side of a tile, when it ran in tiles")
+    halo: int | None = Field(None, description="context each tile brought around what it kept")
+
+
 class SegmentResult(BaseModel):
     """POST /segment?format=json."""
 
     model: str
     version: int
-    inference_size: list[int] | None = Field(
-        None, description="[width, height] the network ran at, when the image was scaled down"
-    )
+    inference: Inference
     width: int
     height: int
     classes: list[ClassShare] = Field(description="every class present in the image")
@@ -72,6 +81,16 @@ class ModelInput(BaseModel):
     size_divisor: int
 
 
+class ModelScale(BaseModel):
+    """How the model meets an image larger than one tile."""
+
+    policy: str = Field(description="what a request gets unless it asks (scale=native|fit)")
+    policies: list[str] = Field(description="the policies a request may ask for")
+    fit_pixels: int = Field(description="fit: the working size images are scaled down to")
+    tile: int = Field(description="native: the side of a tile on this server's provider")
+    halo: int = Field(description="native: px of context each tile brings around what it keeps")
+
+
 class ModelSummary(BaseModel):
     name: str
     version: int = Field(description="the version answering by default: the newest")
@@ -82,6 +101,7 @@ class ModelSummary(BaseModel):
     classes: list[ClassColor]
     input: ModelInput
     output: str = Field(description="labels (argmax in the graph) or logits")
+    scale: ModelScale
 
 
 class ModelDetail(ModelSummary):
@@ -171,6 +191,18 @@ SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
             "X-Model": {"description": "the model that answered", "schema": {"type": "string"}},
             "X-Model-Version": {"schema": {"type": "string"}},
             "X-Request-ID": {"schema": {"type": "string"}},
+            "X-Scale": {
+                "description": "native (the image's own resolution) or fit (scaled down first)",
+                "schema": {"type": "string", "enum": ["native", "fit"]},
+            },
+            "X-Inference-Size": {
+                "description": "WIDTHxHEIGHT the network saw the image at",
+                "schema": {"type": "string"},
+            },
+            "X-Tiles": {
+                "description": "tiles the image ran in (1: whole)",
+                "schema": {"type": "integer"},
+            },
         },
     },
     **errors(400, 401, 404, 408, 413, 415, 422, 503, 504),

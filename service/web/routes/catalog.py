@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from segserve.service.media.legend import legend_png
+from segserve.service.media.tiling import ScalePlan
 from segserve.service.runtime.registry import ServedModel
 from segserve.service.web.openapi import ModelDetail, ModelListing, errors, png
 from segserve.service.web.routes.deps import Service, authorize, use_model
@@ -13,7 +14,7 @@ from segserve.service.web.routes.deps import Service, authorize, use_model
 router = APIRouter(dependencies=[Depends(authorize)])
 
 
-def model_summary(m: ServedModel, versions: list[int]) -> dict:
+def model_summary(m: ServedModel, versions: list[int], plan: ScalePlan) -> dict:
     card = m.card
     return {
         "name": m.name,
@@ -33,6 +34,13 @@ def model_summary(m: ServedModel, versions: list[int]) -> dict:
             "size_divisor": card.size_divisor,
         },
         "output": card.output,
+        "scale": {
+            "policy": card.scale_policy,
+            "policies": card.scale_policies,
+            "fit_pixels": plan.fit_pixels,
+            "tile": plan.tile,
+            "halo": plan.halo,
+        },
     }
 
 
@@ -42,7 +50,10 @@ async def list_models(service: Service) -> ModelListing:
     registry = service.registry
     return {  # type: ignore[return-value]  (validated into ModelListing by FastAPI)
         "default": registry.default_name,
-        "models": [model_summary(m, registry.versions(m.name)) for m in registry.all()],
+        "models": [
+            model_summary(m, registry.versions(m.name), service.scale_plan(m))
+            for m in registry.all()
+        ],
         "failed": [
             {"name": f.name, "version": f.version, "error": f.error} for f in registry.failed
         ],
@@ -58,7 +69,10 @@ async def get_model(
 ) -> ModelDetail:
     """One model (the newest version unless `version`), with its whole card."""
     m = use_model(request, name, version)
-    return {**model_summary(m, service.registry.versions(m.name)), "card": m.card.as_dict()}
+    return {
+        **model_summary(m, service.registry.versions(m.name), service.scale_plan(m)),
+        "card": m.card.as_dict(),
+    }
 
 
 @router.get(

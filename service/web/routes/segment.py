@@ -36,6 +36,12 @@ class SegmentParams(BaseModel):
     mask_encoding: Literal["png", "rle"] = Field(
         "png", description="masks as 1-bit PNGs or COCO RLE"
     )
+    scale: Literal["native", "fit"] | None = Field(
+        None,
+        description="native: the network sees the image at its own resolution, in "
+        "overlapping tiles past one tile; fit: scaled down to the model's working size first. "
+        "Default: the model's (GET /models/{name}: scale.policy)",
+    )
 
 
 @router.post(
@@ -50,9 +56,9 @@ async def segment(
 ) -> Response:
     """The image's labels: a label PNG (one palette index per pixel, the model's colours),
     the image with its classes overlaid, or JSON with the classes present, their shares,
-    the label PNG and, on request, a mask per class. Images above the server's
-    `max_inference_pixels` run scaled down and are answered at their own size
-    (X-Inference-Size says at what size the network ran)."""
+    the label PNG and, on request, a mask per class. Always at the image's own size. How
+    the network saw it is in the answer: `X-Scale` (native or fit), `X-Inference-Size`
+    (WxH it ran at), `X-Tiles` (1: whole), and `inference` in JSON."""
     served = use_model(request, params.model, params.version)
     try:
         mask_ids = parse_masks(params.masks, served.card)
@@ -60,18 +66,16 @@ async def segment(
         raise ServiceError(422, str(exc)) from exc
     if mask_ids and params.format != "json":
         raise ServiceError(422, "masks come with format=json")
+    plan = service.scale_plan(served, params.scale)
     timings: Timings = request.state.timings  # the middleware's: started on arrival
     s = service.settings
     data = await image_bytes(request, s.max_body_bytes, timings.deadline, s.idle_timeout_s)
     spec = RenderSpec(params.format, tuple(mask_ids), params.mask_encoding)
     async with service.lease() as lease:
-        (image,) = await service.decode([data], served, timings, lease)
+        (image,) = await service.decode([data], served, timings, lease, plan)
         (labels,) = await service.segment(
             served, [image], timings, partial(wait_for_disconnect, request)
         )
         body, media_type = await service.render(served, image, labels, spec, timings)
-    headers = {"Server-Timing": timings.server_timing()}
-    if image.scaled:
-        h, w = image.inference_size
-        headers["X-Inference-Size"] = f"{w}x{h}"
+    headers = {"Server-Timing": timings.server_timing(), **image.headers()}
     return Response(body, media_type=media_type, headers=headers)

@@ -74,11 +74,12 @@ async def infer(
     req, tensor = await asyncio.to_thread(
         open_inference.parse_infer, body, header_length, service.limits
     )
+    plan = service.scale_plan(model, req.parameters.scale if req.parameters else None)
     async with service.lease() as lease:
         if isinstance(tensor, np.ndarray):
-            images = await service.from_pixels(tensor, model, timings, lease)
+            images = await service.from_pixels(tensor, model, timings, lease, plan)
         else:
-            images = await service.decode(tensor, model, timings, lease)
+            images = await service.decode(tensor, model, timings, lease, plan)
             if len({im.size for im in images}) > 1:
                 raise ServiceError(
                     400,
@@ -94,7 +95,7 @@ async def infer(
             partial(open_inference.infer_response, model.name, model.version, req),
             timings,
         )
-    return Response(content, media_type=media_type, headers=headers)
+    return Response(content, media_type=media_type, headers={**headers, **images[0].headers()})
 
 
 router = APIRouter()

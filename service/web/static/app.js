@@ -19,7 +19,10 @@ const EXPLAIN = {
   504: "The server did not finish in time.",
 };
 
+const VIEW_PIXELS = 2_000_000;
+
 const state = {
+  view: { scale: 1, width: 0, height: 0 }, // the size the result is drawn at
   models: [],
   model: null, // the summary from /models
   result: null, // the JSON answer
@@ -114,7 +117,10 @@ function chooseModel() {
   state.model = state.models[Number($("model").value)] || null;
   const m = state.model;
   $("model-info").textContent = m
-    ? `${m.architecture}, ${m.classes.length} classes, on ${m.provider.replace("ExecutionProvider", "")}`
+    ? `${m.architecture}, ${m.classes.length} classes, on ${m.provider.replace("ExecutionProvider", "")}, ` +
+      (m.scale.policy === "native"
+        ? `native scale (tiles of ${m.scale.tile} px past one tile)`
+        : `fit scale (${(m.scale.fit_pixels / 1e6).toFixed(1)} MP)`)
     : "";
 }
 
@@ -136,6 +142,7 @@ async function segment(blob, name) {
   setStatus(`Segmenting ${name} with ${state.model.name} v${state.model.version} …`, "busy");
   const m = state.model;
   const query = new URLSearchParams({ format: "json", model: m.name, version: m.version });
+  if ($("scale").value) query.set("scale", $("scale").value);
   const started = performance.now();
   try {
     const response = await api("/segment?" + query, {
@@ -148,6 +155,7 @@ async function segment(blob, name) {
     timings.push(["round trip (browser)", performance.now() - started]);
     await show(blob, name, JSON.parse(text), text, timings);
     setStatus(`${name}: ${state.result.width}×${state.result.height}`, "done");
+    describeInference(state.result);
   } catch (err) {
     showError(err);
   }
@@ -178,7 +186,12 @@ async function show(blob, name, result, text, timings) {
   state.urls = [original, labelUrl, jsonUrl];
 
   const [img, labelImg] = await Promise.all([decodeImage(original), decodeImage(labelUrl)]);
-  const { width, height } = result;
+  // Large images (a 12 MP photo) are shown scaled to at most VIEW_PIXELS: the per-pixel
+  // drawing below stays quick; the labels are sampled nearest, so classes stay classes.
+  const scale = Math.min(1, Math.sqrt(VIEW_PIXELS / (result.width * result.height)));
+  const width = Math.max(1, Math.round(result.width * scale));
+  const height = Math.max(1, Math.round(result.height * scale));
+  state.view = { scale, width, height };
   // The label PNG is in palette mode: its colours are the model's palette, one per class.
   const colours = new Map(state.model.classes.map((c) => [rgbKey(c.color), c.id]));
   const rgba = pixelsOf(labelImg, width, height).data;
@@ -202,6 +215,21 @@ async function show(blob, name, result, text, timings) {
   fillTimings(timings);
   $("result").hidden = false;
   draw();
+}
+
+// What the server did to the image (the JSON's `inference`) and how the page shows it.
+function describeInference(result) {
+  const inf = result.inference;
+  let text =
+    inf.policy === "native"
+      ? `Segmented at its own resolution, ${inf.width}×${inf.height}`
+      : `Segmented scaled down to ${inf.width}×${inf.height}, labels scaled back`;
+  if (inf.tiles > 1) text += `, in ${inf.tiles} tiles of ${inf.tile} px (halo ${inf.halo} px)`;
+  text += ".";
+  if (state.view.scale < 1) {
+    text += ` Shown at ${Math.round(100 * state.view.scale)} % (${state.view.width}×${state.view.height}); the label PNG download is full size.`;
+  }
+  $("inference").textContent = text;
 }
 
 function rgbKey([r, g, b]) {
@@ -257,7 +285,7 @@ function fillTimings(timings) {
 }
 
 function draw() {
-  const { width, height } = state.result;
+  const { width, height } = state.view;
   const alpha = Number($("opacity").value) / 100;
   $("opacity-value").textContent = `${Math.round(alpha * 100)} %`;
   const palette = new Map(state.model.classes.map((c) => [c.id, c.color]));
