@@ -126,7 +126,8 @@ def bootstrap(repository: Path, work: Path, estimate_only: bool = False) -> Path
         print(f"[2/3] training -> {run}")
         train(TrainConfig(data=data, out=run, resume=(run / "last.pt").exists(), **RECIPE))
     print(f"[3/3] exporting -> {repository / NAME}")
-    result = export_checkpoint(run / "best.pt", repository, NAME)
+    # With its int8 variant, calibrated on the training images and gated on the val ones.
+    result = export_checkpoint(run / "best.pt", repository, NAME, int8=True, int8_data=data)
     print(f"{NAME} rebuilt: {result.path} (val mean IU {result.card.metrics['mean_iu']:.4f})")
     return result.path.parent
 

@@ -36,6 +36,11 @@ from segserve.contracts.repository import (
 )
 from segserve.errors import UserError
 from segserve.export import graph
+from segserve.export.quantize import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_HELD_OUT_IMAGES,
+    quantize_folder,
+)
 from segserve.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 OPSET = 18
@@ -253,12 +258,18 @@ def export_checkpoint(
     scale: str = "native",
     tile_halo: int | None = None,
     fit_pixels: int = DEFAULT_FIT_PIXELS,
+    int8: bool = False,
+    int8_data: Path | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    held_out_images: int = DEFAULT_HELD_OUT_IMAGES,
 ) -> ExportResult:
     """Export a checkpoint into REPO/NAME/VERSION. `output`: labels | logits; `input`: uint8
     (NHWC pixels, normalised in the graph) | float (NCHW, normalised by the caller).
     `scale`: native (segserve's networks are fully convolutional and trained at the scale of
     their images: large images run in tiles with the architecture's measured halo) or fit
-    (scaled to `fit_pixels` first)."""
+    (scaled to `fit_pixels` first). `int8`: also an int8 variant, calibrated on
+    `int8_data` (default: the folder the checkpoint was trained on), published with the
+    version only if it passes its gate."""
     if output not in ("labels", "logits") or input not in ("uint8", "float"):
         raise ValueError(
             f"output must be labels or logits, input uint8 or float ({output}, {input})"
@@ -305,5 +316,10 @@ def export_checkpoint(
             )
         write_version(folder, checked_model(raw, card), card)
         raw.unlink()
+        if int8:
+            if card.precision != "float32":
+                raise ValueError("--int8 is made from a float32 export: leave out --fp16")
+            data = Path(int8_data or ckpt.get("trained_on", ""))
+            quantize_folder(folder, data, calibration_images, held_out_images, log=log)
     path = version_dir(repository, name, version) / MODEL_FILE
     return ExportResult(path, card, report, time.perf_counter() - t0, path.stat().st_size)

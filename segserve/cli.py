@@ -321,6 +321,37 @@ def add_scale_options(p: argparse.ArgumentParser, default: str, why: str) -> Non
     )
 
 
+def add_int8_options(p: argparse.ArgumentParser, export: bool) -> None:
+    """The images an int8 variant is calibrated on and checked against (export/quantize.py)."""
+    from segserve.export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_HELD_OUT_IMAGES
+
+    if export:
+        p.add_argument(
+            "--int8",
+            action="store_true",
+            help="also write an int8 variant (model.int8.onnx), calibrated on --data and "
+            "refused (nothing published) unless it agrees with float32 on held-out images",
+        )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        required=not export,
+        help="the images to calibrate on: a VOC-layout folder (its train split; its val split "
+        "with labels is held out) or a folder of images (the first to calibrate, the next "
+        "held out)" + ("; default: the data the checkpoint was trained on" if export else ""),
+    )
+    p.add_argument(
+        "--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, help="how many"
+    )
+    p.add_argument(
+        "--held-out-images",
+        type=int,
+        default=DEFAULT_HELD_OUT_IMAGES,
+        help="how many images the int8 variant must agree with float32 on",
+    )
+
+
 def add_export(sub: Subcommands) -> None:
     p = command(sub, "export", run_export, help="checkpoint -> ONNX in the model repository")
     p.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint")
@@ -347,6 +378,7 @@ def add_export(sub: Subcommands) -> None:
         "overlapping tiles past one tile (segserve's networks are fully "
         "convolutional and trained at the scale of their images)",
     )
+    add_int8_options(p, export=True)
     p.add_argument(
         "--optimize",
         action=argparse.BooleanOptionalAction,
@@ -372,6 +404,10 @@ def run_export(args: argparse.Namespace) -> int:
         scale=args.scale,
         tile_halo=args.tile_halo,
         fit_pixels=args.fit_pixels,
+        int8=args.int8,
+        int8_data=args.data,
+        calibration_images=args.calibration_images,
+        held_out_images=args.held_out_images,
     )
     p = result.parity
     shapes = [
@@ -392,6 +428,42 @@ def run_export(args: argparse.Namespace) -> int:
             ("parity", f"max |dlogits| {max_abs}, agreement {p.agreement:.4%}: passed"),
         ]
     )
+    return 0
+
+
+def add_quantize(sub: Subcommands) -> None:
+    help = "an int8 variant of a version in the repository, gated on agreement with float32"
+    p = command(sub, "quantize", run_quantize, help)
+    p.add_argument("--repository", required=True, type=Path, help="the model repository")
+    p.add_argument("--name", required=True, help="the model's name in the repository")
+    p.add_argument("--version", type=int, default=None, help="default: the newest")
+    p.add_argument("--force", action="store_true", help="make model.int8.onnx again")
+    add_int8_options(p, export=False)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from segserve.export.quantize import quantize_version
+
+    result = quantize_version(
+        args.repository,
+        args.name,
+        args.version,
+        args.data,
+        args.calibration_images,
+        args.held_out_images,
+        args.force,
+    )
+    r = result.report
+    rows = [
+        ("written", result.path),
+        ("file size", f"{result.file_bytes / 1e6:.1f} MB"),
+        ("agreement", f"{r.agreement:.4%} of {r.held_out['pixels']:,} held-out pixels"),
+    ]
+    if r.mean_iu is not None:
+        rows.append(
+            ("mean IU", f"int8 {r.mean_iu['int8']:.4f}, float32 {r.mean_iu['float32']:.4f}")
+        )
+    summary(rows)
     return 0
 
 
@@ -697,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_train,
         add_eval,
         add_export,
+        add_quantize,
         add_import,
         add_predict,
         add_serve,

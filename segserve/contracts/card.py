@@ -16,6 +16,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segserve.contracts.architectures import size_divisor, tile_halo
 from segserve.contracts.palette import pil_palette
 from segserve.errors import UserError
@@ -30,6 +32,9 @@ SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
 SCORE_LABELS = dict(zip(SCORES, ("pixel acc", "mean acc", "mean IU", "f.w. IU"), strict=True))
 
 INPUT_DTYPES = ("uint8", "float32", "float16")
+# The arithmetic inside a graph; one version may carry several variants of its network
+# (contracts/repository.py: model.onnx and model.PRECISION.onnx beside it).
+PRECISIONS = ("float32", "float16", "int8")
 # How the network meets an image: "native" at the image's own resolution (in overlapping tiles
 # once it is larger than one tile), or "fit": scaled down to `fit_pixels` first, for networks
 # trained on photos at one scale. Cards written before either existed are "fit" (what the
@@ -94,6 +99,9 @@ class ModelCard:
     fit_pixels: int = DEFAULT_FIT_PIXELS
     tile_halo: int | None = None
     tile_size: int | None = None
+    # An int8 variant's making and its gate: method, calibration images, held-out agreement
+    # with the float32 variant, mean and per-class IU of both (segserve.export.quantize).
+    quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.output_name:
@@ -106,8 +114,10 @@ class ModelCard:
         problems = []
         if self.input_dtype not in INPUT_DTYPES:
             problems.append(f"input_dtype must be one of {INPUT_DTYPES}, not {self.input_dtype!r}")
-        if self.precision not in ("float32", "float16"):
-            problems.append(f"precision must be float32 or float16, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if (self.precision == "int8") != (self.quantization is not None):
+            problems.append("an int8 card records its quantization (and only an int8 card does)")
         if self.input_layout not in INPUT_LAYOUTS:
             problems.append(f"input_layout must be NHWC or NCHW, not {self.input_layout!r}")
         if self.output not in OUTPUTS:
@@ -163,6 +173,20 @@ class ModelCard:
         if key.isascii() and key.isdigit() and int(key) < self.num_classes:
             return int(key)
         raise KeyError(key)
+
+    def model_input(self, rgb: np.ndarray) -> np.ndarray:
+        """One H x W x 3 uint8 image as the graph takes it (without the batch axis). uint8
+        graphs: the pixels as they are (NHWC) or transposed (NCHW); float graphs:
+        normalised here with the card's mean and std, C x H x W."""
+        if self.takes_uint8:
+            return (
+                rgb if self.input_layout == "NHWC" else np.ascontiguousarray(rgb.transpose(2, 0, 1))
+            )
+        std = np.asarray(self.std, np.float32)
+        scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
+        shift = (np.asarray(self.mean, np.float32) / std).reshape(3, 1, 1)
+        chw = rgb.transpose(2, 0, 1) * scale - shift
+        return chw.astype(self.input_dtype, copy=False)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,6 +2,8 @@
 
     REPO/NAME/VERSION/model.onnx
     REPO/NAME/VERSION/model.json    the model card, also inside model.onnx's metadata
+    REPO/NAME/VERSION/model.int8.onnx    optional variants of the same network in another
+    REPO/NAME/VERSION/model.float16.onnx arithmetic, each with its own card in its metadata
 
 VERSION is a positive integer; the newest version of a name is its default.
 """
@@ -42,6 +44,31 @@ class VersionEntry:
     @property
     def card_path(self) -> Path:
         return self.folder / CARD_FILE
+
+    def variant_paths(self) -> dict[str, Path]:
+        """The version's other variants by precision (model.PRECISION.onnx), model.onnx not
+        included: its precision is its card's."""
+        return variant_paths(self.folder)
+
+
+def variant_path(folder: Path, precision: str) -> Path:
+    return Path(folder) / f"model.{precision}.onnx"
+
+
+def variant_paths(folder: Path) -> dict[str, Path]:
+    from segserve.contracts.card import PRECISIONS
+
+    return {p: variant_path(folder, p) for p in PRECISIONS if variant_path(folder, p).is_file()}
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` all at once: a hidden file beside it, then renamed over it, so
+    that a server polling the folder sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    tmp.replace(path)
 
 
 def check_name(name: str) -> str:
@@ -116,10 +143,15 @@ def publishing(repository: Path, name: str, version: int, force: bool = False) -
 def write_version(folder: Path, model: onnx.ModelProto, card: ModelCard) -> Path:
     """model.onnx with the card in its metadata_props, and model.json beside it; returns
     the model's path. (The proto is serialised here: no onnx import needed.)"""
-    del model.metadata_props[:]
-    for key, value in card.to_metadata().items():
-        model.metadata_props.add(key=key, value=value)
+    set_card(model, card)
     path = Path(folder) / MODEL_FILE
     path.write_bytes(model.SerializeToString())
     (Path(folder) / CARD_FILE).write_text(card.to_json())
     return path
+
+
+def set_card(model: onnx.ModelProto, card: ModelCard) -> None:
+    """The card as the model's metadata_props (replacing any there)."""
+    del model.metadata_props[:]
+    for key, value in card.to_metadata().items():
+        model.metadata_props.add(key=key, value=value)

@@ -1,5 +1,5 @@
 """The default model, `unet-shapes`, as it ships: one exported version (model.onnx with its
-card inside, model.json beside it) in this package, so that a new repository serves at once
+card inside, model.json beside it, and its int8 variant model.int8.onnx) in this package, so that a new repository serves at once
 and `pip install segserve` users get it too. Torch-free: installing it is a copy.
 
 How it was made (commit, command, machine, arithmetic, time, val metrics per class) is in
@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from segserve.contracts.repository import CARD_FILE, MODEL_FILE, publishing, walk
+from segserve.contracts.repository import CARD_FILE, MODEL_FILE, publishing, variant_paths, walk
 
 NAME = "unet-shapes"
 VERSION = 1
@@ -31,8 +31,8 @@ def install(repository: Path) -> Path | None:
             "with `segserve bootstrap`"
         )
     with publishing(repository, NAME, VERSION) as folder:
-        for name in (MODEL_FILE, CARD_FILE):
-            shutil.copyfile(FILES / name, folder / name)
+        for source in (FILES / MODEL_FILE, FILES / CARD_FILE, *variant_paths(FILES).values()):
+            shutil.copyfile(source, folder / source.name)
     target = repository / NAME / str(VERSION)
     print(f"installed the shipped {NAME} v{VERSION} into {target}")
     return target
