@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     providers: str = "auto"
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     warmup_shapes: str = "512x512,375x500"
+    # Which variant of a version serves (service/runtime/variants.py): `auto` times the
+    # variants this provider may run (CPU: int8; CUDA: float16) against the version's own on
+    # the warm-up shapes, `variant_rounds` alternating rounds, and serves the one clearly
+    # faster; a precision forces that variant where the version has it.
+    variant: Literal["auto", "float32", "float16", "int8"] = "auto"
+    variant_rounds: int = Field(3, ge=1, le=20)
     # onnxruntime's CPU arena: without it every run page-faults its activations in afresh
     # (13-20 % of CPU throughput; docs/benchmarks.md, "onnxruntime's CPU arena"). An arena
     # keeps its largest run's memory for good, so runs on `arena_shrink_pixels` or more

@@ -79,6 +79,7 @@ def jpeg(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # 10-20 s of two cores: make test-slow
 def test_a_large_image_of_fresh_samples_scores_in_tiles_as_its_samples_do_one_by_one(repository):
     """A 4 MP image of fresh samples, each at its own size (every object at the scale the
     model learned), served over HTTP at its own resolution in tiles, against the same samples

@@ -271,7 +271,8 @@ def test_health_readiness_and_metrics_exposition(app):
     ):
         assert name in names, name
     infos = [s.labels for s in metric_samples(text)["segserve_model_info"]]
-    assert {"model": "tiny", "version": "2", "provider": "cpu", "architecture": "unet"} in infos
+    tiny = {"model": "tiny", "version": "2", "provider": "cpu", "architecture": "unet"}
+    assert {**tiny, "variant": "float32"} in infos  # the tiny model has no other variant
     routes = {s.labels["route"] for s in metric_samples(text)["segserve_requests_total"]}
     assert "/segment" in routes and "/models/{name}" in routes  # matched routes, not paths
 

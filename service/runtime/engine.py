@@ -126,18 +126,8 @@ class Engine:
     # -- the data path -----------------------------------------------------------------
 
     def prepare(self, rgb: np.ndarray) -> np.ndarray:
-        """One H x W x 3 uint8 image as the graph takes it. uint8 graphs: the pixels as they
-        are (NHWC) or transposed (NCHW); float graphs: normalised here, C x H x W."""
-        card = self.card
-        if card.takes_uint8:
-            return (
-                rgb if card.input_layout == "NHWC" else np.ascontiguousarray(rgb.transpose(2, 0, 1))
-            )
-        std = np.asarray(card.std, np.float32)
-        scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
-        shift = (np.asarray(card.mean, np.float32) / std).reshape(3, 1, 1)
-        chw = rgb.transpose(2, 0, 1) * scale - shift
-        return chw.astype(card.input_dtype, copy=False)
+        """One H x W x 3 uint8 image as the graph takes it (the card says how)."""
+        return self.card.model_input(rgb)
 
     def item_size(self, item: np.ndarray) -> tuple[int, int]:
         """(H, W) of a prepared item."""

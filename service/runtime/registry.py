@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from segserve.service.errors import ServiceError
 from segserve.service.media.tiling import ScalePlan
 from segserve.service.runtime.engine import Engine
 from segserve.service.runtime.providers import ProviderUnavailable
+from segserve.service.runtime.variants import VariantChoice, candidates, choose, time_rounds
 from segserve.service.settings import Settings
 from segserve.service.telemetry.clock import Stage, Timings
 from segserve.service.telemetry.prometheus import ServiceMetrics
@@ -36,9 +38,20 @@ log = logging.getLogger("segserve")
 class ServedModel:
     name: str
     version: int
-    engine: Engine
+    engine: Engine  # the variant that serves
     batcher: Batcher
     warmed: bool = False
+    choice: VariantChoice | None = None  # which variant serves, and why
+    files: tuple[tuple[str, float], ...] = ()  # the version's files when it was loaded
+
+    @property
+    def variant(self) -> str:
+        return self.engine.card.precision
+
+    @property
+    def variants(self) -> list[str]:
+        """The variants the version had on disk when it was loaded."""
+        return self.choice.available if self.choice else [self.variant]
 
     @property
     def card(self) -> ModelCard:
@@ -176,7 +189,9 @@ class ModelRegistry:
         for model in [m for m in self.all() if (m.name, m.version) not in entries]:
             self._retire(model)
         for key, entry in sorted(entries.items()):
-            if key[1] in self._models.get(key[0], {}):
+            served = self._models.get(key[0], {}).get(key[1])
+            if served is not None:
+                await self._reload_if_changed(served, entry)
                 continue
             mtime = await asyncio.to_thread(lambda e=entry: e.model_path.stat().st_mtime)
             failed = self._failed.get(key)
@@ -189,11 +204,63 @@ class ModelRegistry:
                 self.metrics.load_failures.remove(key[0], str(key[1]))
         self._choose_default()
 
+    async def _reload_if_changed(self, served: ServedModel, entry: VersionEntry) -> None:
+        """A served version whose files changed (a variant added by `segserve quantize`,
+        say) is loaded again beside it and takes over once ready; until then, and if the new
+        files fail to load, the one loaded before goes on serving."""
+        try:
+            files = await asyncio.to_thread(_files, entry)
+        except OSError:  # removed while we looked: the next sync retires it
+            return
+        if files == served.files:
+            return
+        try:
+            model = await asyncio.to_thread(self._load, entry)
+        except Exception as exc:
+            log.error(
+                "%s v%s changed but does not load (still serving what was loaded): %s",
+                entry.name,
+                entry.version,
+                exc,
+            )
+            served.files = files  # not tried again until the files change again
+            return
+        self._swap(served, model)
+        log.info(
+            "reloaded %s v%s: now serving its %s variant", model.name, model.version, model.variant
+        )
+
+    def _swap(self, old: ServedModel, new: ServedModel) -> None:
+        new.batcher.start()
+        self._models[new.name][new.version] = new
+        self._unpublish(old)
+        self._publish(new)
+        self._stop_later(old)
+
+    def _publish(self, model: ServedModel) -> None:
+        self.metrics.model_info.labels(*_info_labels(model)).set(1)
+        for variant, seconds in (model.choice.seconds if model.choice else {}).items():
+            self.metrics.variant_seconds.labels(model.name, str(model.version), variant).set(
+                seconds
+            )
+
+    def _unpublish(self, model: ServedModel) -> None:
+        with contextlib.suppress(KeyError):
+            self.metrics.model_info.remove(*_info_labels(model))
+        for variant in model.choice.seconds if model.choice else ():
+            with contextlib.suppress(KeyError):
+                self.metrics.variant_seconds.remove(model.name, str(model.version), variant)
+
+    def _stop_later(self, model: ServedModel) -> None:
+        """What `model` has queued or running still finishes; then its batcher stops."""
+        task = asyncio.get_running_loop().create_task(model.batcher.stop())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def _activate(self, entry: VersionEntry, mtime: float, fatal_provider: bool) -> None:
         key = (entry.name, entry.version)
         try:
             model = await asyncio.to_thread(self._load, entry)
-            await asyncio.to_thread(self._warm, model)
         except ProviderUnavailable:
             if fatal_provider:
                 raise  # a provider asked for by name must load: a start-up error
@@ -208,13 +275,15 @@ class ModelRegistry:
         self._models.setdefault(model.name, {})[model.version] = model
         self._failed.pop(key, None)
         self.metrics.load_failures.labels(model.name, str(model.version)).set(0)
-        self.metrics.model_info.labels(*_info_labels(model)).set(1)
+        self._publish(model)
         log.info(
-            "serving %s v%s (%s, %s)",
+            "serving %s v%s (%s, %s, %s: %s)",
             model.name,
             model.version,
             model.card.architecture,
             model.engine.provider,
+            model.variant,
+            model.choice.reason if model.choice else "",
         )
 
     def _fail(self, entry: VersionEntry, mtime: float, error: str) -> None:
@@ -229,11 +298,8 @@ class ModelRegistry:
         del versions[model.version]
         if not versions:
             del self._models[model.name]
-        with contextlib.suppress(KeyError):
-            self.metrics.model_info.remove(*_info_labels(model))
-        task = asyncio.get_running_loop().create_task(model.batcher.stop())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._unpublish(model)
+        self._stop_later(model)
         log.info("retired %s v%s (gone from the repository)", model.name, model.version)
 
     def _choose_default(self) -> None:
@@ -246,16 +312,50 @@ class ModelRegistry:
             self._default = self.names[0] if self._models else None
 
     def _load(self, entry: VersionEntry) -> ServedModel:
+        """A version, ready to serve: its variants loaded, warmed and (auto) timed on this
+        machine on the warm-up shapes, the one that serves chosen and warmed at its tile too,
+        its cost model seeded with its timed runs."""
         s = self.settings
-        engine = Engine.load(
-            entry.model_path,
-            s.providers,
-            s.intra_op_threads,
-            s.cudnn_conv_algo_search,
-            cpu_arena=s.cpu_mem_arena,
-            spinning=s.ort_spinning,
-            arena_shrink_pixels=s.arena_shrink_pixels,
-            card_path=entry.card_path,
+        own = self._engine(entry.model_path, entry)
+        precision, provider = own.card.precision, own.provider
+        shapes = list(dict.fromkeys(s.warmup))  # what the variants are timed on
+        tiles = [t for t in self.warm_shapes(own) if t not in shapes]
+        wanted, unavailable = candidates(precision, entry.variant_paths(), provider, s.variant)
+        forced_other = s.variant != "auto" and bool(wanted)
+        engines = {} if forced_other else {precision: own}
+        del own  # with another variant forced, the version's own session goes now
+        for other in wanted:
+            engines[other] = self._engine(entry.variant_paths()[other], entry)
+        for engine in engines.values():  # first runs allocate and pick kernels: untimed
+            for h, w in shapes:
+                engine.segment([np.zeros((h, w, 3), np.uint8)])
+        seconds, runs = time_rounds(
+            {p: (lambda im, e=e: e.segment([im])) for p, e in engines.items()},
+            shapes,
+            s.variant_rounds if len(engines) > 1 else 1,
+        )
+        if s.variant == "auto":
+            variant, reason = choose(seconds, precision)
+        else:
+            variant = wanted[0] if wanted else precision
+            reason = unavailable or f"variant={s.variant} (the setting)"
+        if unavailable:
+            log.warning("%s v%s: %s", entry.name, entry.version, unavailable)
+        engine = engines[variant]
+        engines.clear()  # the others' sessions (and their arenas) go now
+        for h, w in tiles:  # the tile, for what serves only: once to warm, once timed
+            engine.segment([np.zeros((h, w, 3), np.uint8)])
+            t0 = time.perf_counter()
+            engine.segment([np.zeros((h, w, 3), np.uint8)])
+            runs[variant].append((h * w, time.perf_counter() - t0))
+        choice = VariantChoice(
+            variant,
+            s.variant,
+            reason,
+            seconds,
+            shapes,
+            s.variant_rounds if len(seconds) > 1 else 1,
+            sorted({precision, *entry.variant_paths()}),
         )
         batch_pixels = min(s.max_batch_pixels, engine.batch_pixel_limit or s.max_batch_pixels)
         limits = BatchLimits(
@@ -271,7 +371,23 @@ class ModelRegistry:
             max_queue_delay_ms=s.max_queue_delay_ms,
             on_batch=partial(record_batch, self.metrics, entry.name),
         )
-        return ServedModel(entry.name, entry.version, engine, batcher)
+        for pixels, took in runs[variant]:  # the cost model's first measurements: warm runs
+            batcher.cost.observe(pixels, took)
+        files = _files(entry)
+        return ServedModel(entry.name, entry.version, engine, batcher, True, choice, files)
+
+    def _engine(self, path: Path, entry: VersionEntry) -> Engine:
+        s = self.settings
+        return Engine.load(
+            path,
+            s.providers,
+            s.intra_op_threads,
+            s.cudnn_conv_algo_search,
+            cpu_arena=s.cpu_mem_arena,
+            spinning=s.ort_spinning,
+            arena_shrink_pixels=s.arena_shrink_pixels,
+            card_path=entry.card_path,
+        )
 
     def warm_shapes(self, engine: Engine) -> list[tuple[int, int]]:
         """The warm-up shapes, and the tile of a model that may run large images in tiles:
@@ -285,17 +401,11 @@ class ModelRegistry:
             shapes.append((plan.tile, plan.tile))
         return list(dict.fromkeys(shapes))
 
-    def _warm(self, model: ServedModel) -> None:
-        """Run the warm-up shapes once (first runs allocate and pick kernels), then once
-        more, timed: the cost model's first measurements, before the model takes traffic."""
-        shapes = self.warm_shapes(model.engine)
-        for h, w in shapes:
-            model.engine.segment([np.zeros((h, w, 3), np.uint8)])
-        for h, w in shapes:
-            t0 = time.perf_counter()
-            model.engine.segment([np.zeros((h, w, 3), np.uint8)])
-            model.batcher.cost.observe(h * w, time.perf_counter() - t0)
-        model.warmed = True
+
+def _files(entry: VersionEntry) -> tuple[tuple[str, float], ...]:
+    """What a version is made of on disk, to see it change: each variant file and its mtime."""
+    paths = [entry.model_path, *entry.variant_paths().values()]
+    return tuple((p.name, p.stat().st_mtime) for p in paths)
 
 
 def record_batch(metrics: ServiceMetrics, model: str, run: BatchRun) -> None:
@@ -315,5 +425,11 @@ def record_batch(metrics: ServiceMetrics, model: str, run: BatchRun) -> None:
         metrics.padding_pixels.labels(model).inc(run.padding)
 
 
-def _info_labels(model: ServedModel) -> tuple[str, str, str, str]:
-    return model.name, str(model.version), model.engine.provider, model.card.architecture
+def _info_labels(model: ServedModel) -> tuple[str, str, str, str, str]:
+    return (
+        model.name,
+        str(model.version),
+        model.engine.provider,
+        model.card.architecture,
+        model.variant,
+    )

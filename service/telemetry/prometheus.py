@@ -139,7 +139,8 @@ class ServiceMetrics:
         self.batch_pixels = Counter("segserve_batch_pixels_total", "Pixels computed by session.run, padding included", ["model"], registry=r)
         self.padding_pixels = Counter("segserve_padding_pixels_total", "Pixels computed by session.run that were padding", ["model"], registry=r)
         self.load_failures = Gauge("segserve_model_load_failures", "Model versions in the repository that failed to load (1 each)", ["model", "version"], registry=r)
-        self.model_info = Gauge("segserve_model_info", "Loaded models", ["model", "version", "provider", "architecture"], registry=r)
+        self.model_info = Gauge("segserve_model_info", "Loaded models (variant: the arithmetic that serves, int8/float32/float16)", ["model", "version", "provider", "architecture", "variant"], registry=r)
+        self.variant_seconds = Gauge("segserve_variant_seconds", "Median seconds of each variant over the warm-up shapes, as timed at load to choose the one that serves", ["model", "version", "variant"], registry=r)
         # fmt: on
 
     def follow(self, read: Callable[[], Iterable[tuple[str, SaturationReading]]]) -> None:

@@ -91,6 +91,24 @@ class ModelScale(BaseModel):
     halo: int = Field(description="native: px of context each tile brings around what it keeps")
 
 
+class VariantChoice(BaseModel):
+    """Which arithmetic serves this version, and how that was decided on this machine."""
+
+    variant: str = Field(description="the variant that serves: float32, float16 or int8")
+    mode: str = Field(description="auto (measured here) or the variant the setting forced")
+    reason: str
+    seconds: dict[str, float] = Field(
+        description="median over rounds of each variant's seconds for all the shapes (the "
+        "warm-up shapes)"
+    )
+    shapes: list[str]
+    rounds: int
+    threshold: float = Field(
+        description="another variant serves only when the version's own takes this many "
+        "times as long"
+    )
+
+
 class ModelSummary(BaseModel):
     name: str
     version: int = Field(description="the version answering by default: the newest")
@@ -102,10 +120,16 @@ class ModelSummary(BaseModel):
     input: ModelInput
     output: str = Field(description="labels (argmax in the graph) or logits")
     scale: ModelScale
+    variant: str = Field(description="the arithmetic that serves: float32, float16 or int8")
+    variants: list[str] = Field(description="the variants this version has on disk")
+    variant_choice: VariantChoice
 
 
 class ModelDetail(ModelSummary):
-    card: dict[str, Any] = Field(description="the model card as export or import wrote it")
+    card: dict[str, Any] = Field(
+        description="the serving variant's model card as export, import or quantize wrote it "
+        "(an int8 card records its quantization and quality gate)"
+    )
 
 
 class FailedVersion(BaseModel):

@@ -41,6 +41,9 @@ def model_summary(m: ServedModel, versions: list[int], plan: ScalePlan) -> dict:
             "tile": plan.tile,
             "halo": plan.halo,
         },
+        "variant": m.variant,
+        "variants": m.variants,
+        "variant_choice": m.choice.as_dict() if m.choice else None,
     }
 
 

@@ -117,7 +117,8 @@ function chooseModel() {
   state.model = state.models[Number($("model").value)] || null;
   const m = state.model;
   $("model-info").textContent = m
-    ? `${m.architecture}, ${m.classes.length} classes, on ${m.provider.replace("ExecutionProvider", "")}, ` +
+    ? `${m.architecture}, ${m.classes.length} classes, ${m.variant} on ` +
+      `${m.provider.replace("ExecutionProvider", "")}, ` +
       (m.scale.policy === "native"
         ? `native scale (tiles of ${m.scale.tile} px past one tile)`
         : `fit scale (${(m.scale.fit_pixels / 1e6).toFixed(1)} MP)`)
