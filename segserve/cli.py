@@ -428,6 +428,7 @@ def run_export(args: argparse.Namespace) -> int:
             ("parity", f"max |dlogits| {max_abs}, agreement {p.agreement:.4%}: passed"),
         ]
     )
+    say_check_set(result.path.parent.parent)
     return 0
 
 
@@ -556,7 +557,22 @@ def run_import(args: argparse.Namespace) -> int:
         "tile_halo",
     )
     summary([("written", folder / "model.onnx"), *((k, card[k]) for k in keys)])
+    say_check_set(folder.parent)
     return 0
+
+
+def say_check_set(model_dir: Path) -> None:
+    """After a new version: whether the server will gate it, and how to make it so."""
+    check = model_dir / "checkset" / "ImageSets" / "Segmentation" / "val.txt"
+    if check.is_file():
+        print(f"check set: {check.parents[2]}: a server scores this version before it serves")
+    else:
+        print(
+            f"no check set at {model_dir / 'checkset'}: servers let this version serve ungated; "
+            "add labelled images there in VOC layout (JPEGImages/, SegmentationClass/, "
+            "ImageSets/Segmentation/val.txt) to gate versions on their scores "
+            "(docs/operations.md, 'Rolling out a new model')"
+        )
 
 
 # -- serving ---------------------------------------------------------------------------

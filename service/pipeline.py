@@ -264,6 +264,12 @@ class InferenceService:
             self.metrics.images.labels(model.name, im.plan.policy, tiled).inc()
             if im.grid is not None:
                 self.metrics.tiles.labels(model.name).inc(im.grid.count)
+        n = model.card.num_classes
+        counts = await asyncio.to_thread(
+            lambda: [np.bincount(lab.ravel(), minlength=n)[:n] for lab in labels]
+        )
+        for c in counts:  # what the version predicts: drift without labels
+            self.registry.observe_labels(model, c)
         return labels
 
     async def _whole(

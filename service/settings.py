@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     # faster; a precision forces that variant where the version has it.
     variant: Literal["auto", "float32", "float16", "int8"] = "auto"
     variant_rounds: int = Field(3, ge=1, le=20)
+    # The check-set gate (service/runtime/gate.py): a new version serves only if its mean IU
+    # on REPO/NAME/checkset is at most this under the serving version's, and no class under
+    # the floor (a card's `class_floor` first; None: no floor).
+    gate_tolerance: float = Field(0.01, ge=0, le=1)
+    gate_class_floor: float | None = Field(None, ge=0, le=1)
+    # Drift: the class mix of this many recent images per version against the check set's.
+    drift_window: int = Field(200, ge=1)
     # onnxruntime's CPU arena: without it every run page-faults its activations in afresh
     # (13-20 % of CPU throughput; docs/benchmarks.md, "onnxruntime's CPU arena"). An arena
     # keeps its largest run's memory for good, so runs on `arena_shrink_pixels` or more

@@ -254,3 +254,14 @@ def v2_json(base64_images: list[str]) -> dict:
             }
         ]
     }
+
+
+def metric_samples(text: str) -> dict:
+    """Prometheus exposition text -> {sample name: [samples]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append(s)
+    return samples

@@ -329,6 +329,14 @@ def test_promtool_and_amtool_accept_the_shipped_configuration(tmp_path):
     ):
         result = subprocess.run([tool("promtool"), *args], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+    # The alerts' own unit tests: made-up series, the times they fire and their text.
+    result = subprocess.run(
+        [tool("promtool"), "test", "rules", "docker/prometheus/rules.test.yml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
     result = subprocess.run(
         [tool("amtool"), "check-config", "docker/alertmanager/alertmanager.yml"],
         cwd=ROOT,

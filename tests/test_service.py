@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import image_bytes, in_process, wait_for
+from helpers import image_bytes, in_process, metric_samples, wait_for
 from segserve.contracts.card import ModelCard
 from segserve.service.batching.planning import CostModel
 from segserve.service.media.imaging import decode_image
@@ -54,14 +54,6 @@ def reference(tiny_repository):
 
 def labels_of(response) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(response.content)))
-
-
-def metric_samples(text: str) -> dict:
-    samples: dict = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append(s)
-    return samples
 
 
 def rejected(app, **kw) -> dict[str, float]:

@@ -74,7 +74,9 @@ def with_int8(tiny_repository, synth_root, tmp_path_factory):
 
 def serve(repository, body, **settings):
     values = {"warmup_shapes": "32x32,48x64", "intra_op_threads": 1, "repository_poll_s": 0}
-    registry = ModelRegistry(Settings(repository=repository, **{**values, **settings}), ServiceMetrics())
+    registry = ModelRegistry(
+        Settings(repository=repository, **{**values, **settings}), ServiceMetrics()
+    )
 
     async def main():
         await registry.start()
@@ -113,9 +115,7 @@ def test_forcing_a_variant_a_version_lacks_serves_its_own_and_says_so(tiny_repos
     assert model.choice.reason == "no int8 variant in this version: serving its own float32"
 
 
-def test_a_variant_added_beside_a_served_version_takes_over_without_a_restart(
-    with_int8, tmp_path
-):
+def test_a_variant_added_beside_a_served_version_takes_over_without_a_restart(with_int8, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(with_int8, repo)
     int8 = variant_paths(repo / "tiny" / "2")["int8"]

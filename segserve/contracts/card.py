@@ -102,6 +102,9 @@ class ModelCard:
     # An int8 variant's making and its gate: method, calibration images, held-out agreement
     # with the float32 variant, mean and per-class IU of both (segserve.export.quantize).
     quantization: dict[str, Any] | None = None
+    # The check-set gate's floor for this model: no class's IU may fall under it (None: the
+    # server's setting, gate_class_floor).
+    class_floor: float | None = None
 
     def __post_init__(self) -> None:
         if not self.output_name:

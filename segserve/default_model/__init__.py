@@ -35,4 +35,37 @@ def install(repository: Path) -> Path | None:
             shutil.copyfile(source, folder / source.name)
     target = repository / NAME / str(VERSION)
     print(f"installed the shipped {NAME} v{VERSION} into {target}")
+    check = write_check_set(repository / NAME)
+    print(f"wrote its check set ({CHECK_SET_IMAGES} labelled images) into {check}")
+    return target
+
+
+# The default model's check set (service/runtime/gate.py): fresh samples of its data, from a
+# seed no training or test used (training: 0), written by `segserve init` rather than shipped
+# (the repository's binaries are the model files).
+CHECK_SET_SEED = 9001
+CHECK_SET_IMAGES = 40
+
+
+def write_check_set(model_dir: Path) -> Path:
+    """REPO/unet-shapes/checkset: CHECK_SET_IMAGES labelled images in VOC layout (val.txt),
+    written whole into a hidden folder first, then renamed (a server never reads half)."""
+    from segserve.training.synth import DEFAULT_MODEL_SET, JPEG_QUALITY, SynthConfig, render_sample
+
+    target = Path(model_dir) / "checkset"
+    if target.exists():
+        return target
+    tmp = Path(model_dir) / ".checkset-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (tmp / sub).mkdir(parents=True)
+    config = SynthConfig(count=CHECK_SET_IMAGES, seed=CHECK_SET_SEED, **DEFAULT_MODEL_SET)
+    ids = []
+    for i in range(CHECK_SET_IMAGES):
+        image, labels = render_sample(config, i)
+        ids.append(f"check_{i:04d}")
+        image.save(tmp / "JPEGImages" / f"{ids[-1]}.jpg", quality=JPEG_QUALITY)
+        labels.save(tmp / "SegmentationClass" / f"{ids[-1]}.png")
+    (tmp / "ImageSets" / "Segmentation" / "val.txt").write_text("".join(f"{i}\n" for i in ids))
+    tmp.rename(target)
     return target

@@ -25,10 +25,12 @@ from segserve.service.batching.planning import BatchLimits, CostModel
 from segserve.service.errors import ServiceError
 from segserve.service.media.tiling import ScalePlan
 from segserve.service.runtime.engine import Engine
+from segserve.service.runtime.gate import CheckSetError, Scores, Verdict, VersionGate
 from segserve.service.runtime.providers import ProviderUnavailable
 from segserve.service.runtime.variants import VariantChoice, candidates, choose, time_rounds
 from segserve.service.settings import Settings
 from segserve.service.telemetry.clock import Stage, Timings
+from segserve.service.telemetry.drift import DriftWindow
 from segserve.service.telemetry.prometheus import ServiceMetrics
 
 log = logging.getLogger("segserve")
@@ -76,6 +78,8 @@ class ModelRegistry:
         self.draining = False  # set by drain(): unready, still answering
         self._watcher: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
+        self.gate = VersionGate(settings.gate_tolerance, settings.gate_class_floor)
+        self._drift: dict[tuple[str, int], DriftWindow] = {}
         metrics.follow(lambda: [(m.name, m.batcher.saturation()) for m in self.all()])
 
     # -- what requests and listings read ---------------------------------------------
@@ -113,10 +117,12 @@ class ModelRegistry:
             loaded = ", ".join(self.names) or "none"
             raise ServiceError(404, f"unknown model {name!r}{why}; loaded: {loaded}")
         if version is None:
-            return versions[max(versions)]
+            return versions[self.gate.default_version(name, list(versions))]
         if version not in versions:
+            refusal = self.gate.refused.get((name, version))
+            why = f" (refused by the check-set gate: {refusal.reason})" if refusal else ""
             raise ServiceError(
-                404, f"model {name!r} has no version {version}; it has {sorted(versions)}"
+                404, f"model {name!r} has no version {version}{why}; it has {sorted(versions)}"
             )
         return versions[version]
 
@@ -188,21 +194,140 @@ class ModelRegistry:
         }
         for model in [m for m in self.all() if (m.name, m.version) not in entries]:
             self._retire(model)
+        for folder in {e.folder.parent for e in entries.values()}:
+            try:
+                await asyncio.to_thread(self.gate.refresh, folder)
+            except (OSError, ValueError) as exc:
+                log.error(
+                    "%s: its check set cannot be read (versions go ungated): %s", folder.name, exc
+                )
+        self.gate.forget(set(entries))
         for key, entry in sorted(entries.items()):
             served = self._models.get(key[0], {}).get(key[1])
             if served is not None:
                 await self._reload_if_changed(served, entry)
                 continue
-            mtime = await asyncio.to_thread(lambda e=entry: e.model_path.stat().st_mtime)
+            try:
+                files = await asyncio.to_thread(_files, entry)
+            except OSError:
+                continue  # removed while we looked
+            if self.gate.still_refused(*key, files):
+                continue  # the same files the gate refused
             failed = self._failed.get(key)
-            if failed is not None and failed.mtime == mtime:
+            if failed is not None and failed.mtime == files[0][1]:
                 continue  # the same file that failed before
-            await self._activate(entry, mtime, fatal_provider=at_start)
+            await self._activate(entry, files[0][1], fatal_provider=at_start)
         for key in [k for k in self._failed if k not in entries]:
             del self._failed[key]
             with contextlib.suppress(KeyError):
                 self.metrics.load_failures.remove(key[0], str(key[1]))
         self._choose_default()
+        self._publish_serving()
+
+    async def _passes_gate(self, model: ServedModel) -> bool:
+        """Score a loaded version on its model's check set (once) and judge it against the
+        version serving now; a refused one is dropped (its sessions go with it), listed with
+        its scores and reason, logged and counted. Without a check set: ungated, it passes."""
+        key = (model.name, model.version)
+        loaded = self._models.get(model.name, {})
+        current = loaded[self.gate.default_version(model.name, list(loaded))] if loaded else None
+        self.gate.reviewing.add(key)
+        try:
+            scores = await asyncio.to_thread(self._scores, model)
+            serving = await asyncio.to_thread(self._scores, current) if current else None
+        except CheckSetError as exc:  # the set's fault, not the version's
+            log.error("%s: its check set does not fit the model: %s", model.name, exc)
+            scores, serving = None, None
+            verdict = Verdict(True, f"ungated: the check set does not fit the model ({exc})")
+        except Exception as exc:  # a version that fails on the check set does not serve
+            scores, serving = None, None
+            verdict = Verdict(False, f"failed on the check set: {type(exc).__name__}: {exc}")
+        else:
+            verdict = self.gate.judge(
+                model.name, scores, serving, model.card.class_floor, model.card.class_names
+            )
+        finally:
+            self.gate.reviewing.discard(key)
+        if scores is not None:
+            self.metrics.checkset_mean_iu.labels(model.name, str(model.version)).set(scores.mean_iu)
+        if scores is not None or not verdict.passed:
+            outcome = "promoted" if verdict.passed else "refused"
+            self.metrics.gate_decisions.labels(model.name, outcome).inc()
+        if not verdict.passed:
+            self.gate.refuse(model.name, model.version, verdict.reason, scores, model.files)
+            log.warning("refused %s v%s: %s", model.name, model.version, verdict.reason)
+            return False
+        self._drift[key] = DriftWindow(
+            self.settings.drift_window, scores.predicted_mix if scores else None
+        )
+        log.info("%s v%s passed the gate: %s", model.name, model.version, verdict.reason)
+        return True
+
+    def _scores(self, model: ServedModel) -> Scores | None:
+        return self.gate.scores(
+            model.name,
+            model.version,
+            model.files,
+            lambda rgb: model.engine.segment([rgb])[0],
+            model.card.num_classes,
+        )
+
+    def observe_labels(self, model: ServedModel, counts: np.ndarray) -> None:
+        """One answered image's class pixel counts: the drift counters and score."""
+        version = str(model.version)
+        names = model.card.class_names
+        for i in np.flatnonzero(counts):
+            self.metrics.predicted_pixels.labels(model.name, version, names[i]).inc(int(counts[i]))
+        self.metrics.dominant_images.labels(model.name, version, names[int(counts.argmax())]).inc()
+        window = self._drift.get((model.name, model.version))
+        if window is not None:
+            window.observe(counts)
+            if (drift := window.score()) is not None:
+                self.metrics.class_mix_drift.labels(model.name, version).set(drift)
+
+    def _publish_serving(self) -> None:
+        for name, versions in self._models.items():
+            self.metrics.serving_version.labels(name).set(
+                self.gate.default_version(name, list(versions))
+            )
+
+    def states(self, name: str) -> list[dict]:
+        """Every version of a model the server knows, with its state and check-set scores:
+        serving (requests that name no version get it), pinned (serving because pinned),
+        loaded (reachable by its number: the versions to roll back to), refused."""
+        loaded = self._models.get(name, {})
+        default = self.gate.default_version(name, list(loaded)) if loaded else None
+        out = []
+        for version, model in sorted(loaded.items()):
+            state = "loaded"
+            if version == default:
+                state = "pinned" if self.gate.pins.get(name) == version else "serving"
+            scores = self.gate.cached(name, version, model.files)
+            out.append(
+                {
+                    "version": version,
+                    "state": state,
+                    "scores": scores and scores.as_dict(),
+                    "reason": None,
+                }
+            )
+        for (n, version), refusal in sorted(self.gate.refused.items()):
+            if n == name:
+                scores = refusal.scores and refusal.scores.as_dict()
+                out.append(
+                    {
+                        "version": version,
+                        "state": "refused",
+                        "scores": scores,
+                        "reason": refusal.reason,
+                    }
+                )
+        out.extend(
+            {"version": v, "state": "candidate", "scores": None, "reason": None}
+            for n, v in sorted(self.gate.reviewing)
+            if n == name
+        )
+        return sorted(out, key=lambda v: v["version"])
 
     async def _reload_if_changed(self, served: ServedModel, entry: VersionEntry) -> None:
         """A served version whose files changed (a variant added by `segserve quantize`,
@@ -271,6 +396,8 @@ class ModelRegistry:
             log.error("could not load %s v%s: %s", entry.name, entry.version, exc)
             self._fail(entry, mtime, f"{type(exc).__name__}: {exc}")
             return
+        if not await self._passes_gate(model):
+            return
         model.batcher.start()
         self._models.setdefault(model.name, {})[model.version] = model
         self._failed.pop(key, None)
@@ -299,6 +426,7 @@ class ModelRegistry:
         if not versions:
             del self._models[model.name]
         self._unpublish(model)
+        self._drift.pop((model.name, model.version), None)
         self._stop_later(model)
         log.info("retired %s v%s (gone from the repository)", model.name, model.version)
 

@@ -141,6 +141,13 @@ class ServiceMetrics:
         self.load_failures = Gauge("segserve_model_load_failures", "Model versions in the repository that failed to load (1 each)", ["model", "version"], registry=r)
         self.model_info = Gauge("segserve_model_info", "Loaded models (variant: the arithmetic that serves, int8/float32/float16)", ["model", "version", "provider", "architecture", "variant"], registry=r)
         self.variant_seconds = Gauge("segserve_variant_seconds", "Median seconds of each variant over the warm-up shapes, as timed at load to choose the one that serves", ["model", "version", "variant"], registry=r)
+        # The gate and drift (runtime/gate.py, telemetry/drift.py).
+        self.serving_version = Gauge("segserve_serving_version", "The version answering requests that name none (pinned or the newest that passed the gate)", ["model"], registry=r)
+        self.checkset_mean_iu = Gauge("segserve_checkset_mean_iu", "Mean IU of a loaded or refused version on its model's check set", ["model", "version"], registry=r)
+        self.gate_decisions = Counter("segserve_gate_decisions_total", "Versions the check-set gate let serve (promoted) or refused", ["model", "outcome"], registry=r)
+        self.predicted_pixels = Counter("segserve_predicted_pixels_total", "Pixels predicted as each class", ["model", "version", "class"], registry=r)
+        self.dominant_images = Counter("segserve_dominant_class_images_total", "Images by the class with the most pixels in them", ["model", "version", "class"], registry=r)
+        self.class_mix_drift = Gauge("segserve_class_mix_drift", "Total variation distance between the class mix of the last images and the check set's, as this version predicts them (0 same, 1 disjoint)", ["model", "version"], registry=r)
         # fmt: on
 
     def follow(self, read: Callable[[], Iterable[tuple[str, SaturationReading]]]) -> None:

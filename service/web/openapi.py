@@ -125,7 +125,38 @@ class ModelSummary(BaseModel):
     variant_choice: VariantChoice
 
 
+class CheckSetScores(BaseModel):
+    images: int
+    mean_iu: float
+    per_class_iu: list[float | None] = Field(
+        description="None: a class absent from truth and prediction"
+    )
+
+
+class VersionState(BaseModel):
+    version: int
+    state: str = Field(
+        description="serving (requests naming no version get it), pinned (serving because "
+        "REPO/NAME/pin names it), loaded (reachable by number: what a pin rolls back to), "
+        "candidate (being scored), refused (by the check-set gate: never served)"
+    )
+    scores: CheckSetScores | None = Field(description="on the model's check set (None: ungated)")
+    reason: str | None = Field(description="why a version was refused")
+
+
+class Gate(BaseModel):
+    gated: bool = Field(description="false: the model has no check set, versions go live ungated")
+    check_set_images: int | None
+    tolerance: float = Field(
+        description="how far under the serving version's mean IU a new one may score"
+    )
+    class_floor: float | None = Field(description="no class's IU may fall under it")
+    pinned: int | None = Field(description="the version REPO/NAME/pin names, if any")
+
+
 class ModelDetail(ModelSummary):
+    gate: Gate
+    version_states: list[VersionState]
     card: dict[str, Any] = Field(
         description="the serving variant's model card as export, import or quantize wrote it "
         "(an int8 card records its quantization and quality gate)"

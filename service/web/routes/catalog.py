@@ -72,8 +72,20 @@ async def get_model(
 ) -> ModelDetail:
     """One model (the newest version unless `version`), with its whole card."""
     m = use_model(request, name, version)
+    registry = service.registry
+    check = registry.gate.check_set(m.name)
     return {
-        **model_summary(m, service.registry.versions(m.name), service.scale_plan(m)),
+        **model_summary(m, registry.versions(m.name), service.scale_plan(m)),
+        "gate": {
+            "gated": check is not None,
+            "check_set_images": len(check.images) if check is not None else None,
+            "tolerance": registry.gate.tolerance,
+            "class_floor": m.card.class_floor
+            if m.card.class_floor is not None
+            else registry.gate.class_floor,
+            "pinned": registry.gate.pins.get(m.name),
+        },
+        "version_states": registry.states(m.name),
         "card": m.card.as_dict(),
     }
 
