@@ -84,7 +84,14 @@ def errors(doc: dict) -> list[str]:
 
 def test_the_shipped_custom_resources_are_the_ones_we_hold_crds_for():
     kinds = sorted(d["kind"] for d in custom_resources().values())
-    assert kinds == ["InferenceService", "ScaledObject", "ServiceMonitor"]
+    assert kinds == [
+        "AnalysisTemplate",
+        "InferenceService",
+        "MetricTemplate",
+        "MetricTemplate",
+        "ScaledObject",
+        "ServiceMonitor",
+    ]
     for name, doc in custom_resources().items():
         assert (doc["apiVersion"], doc["kind"]) in VALIDATORS, f"{name}: no CRD for it"
 
@@ -92,6 +99,19 @@ def test_the_shipped_custom_resources_are_the_ones_we_hold_crds_for():
 @pytest.mark.parametrize("name", sorted(custom_resources()))
 def test_every_custom_resource_validates_against_its_crd(name):
     assert errors(custom_resources()[name]) == []
+
+
+def test_a_misspelled_analysis_field_or_an_unknown_flagger_provider_is_refused():
+    (analysis,) = [d for d in custom_resources().values() if d["kind"] == "AnalysisTemplate"]
+    broken = copy.deepcopy(analysis)
+    metric = broken["spec"]["metrics"][0]
+    metric["successCondtion"] = metric.pop("successCondition")
+    assert any("successCondtion" in e for e in errors(broken))
+    template = copy.deepcopy(
+        next(d for d in custom_resources().values() if d["kind"] == "MetricTemplate")
+    )
+    template["spec"]["provider"]["type"] = "promethues"
+    assert any("promethues" in e for e in errors(template))
 
 
 def by_kind(kind: str) -> dict:
