@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await service.registry.start()
         yield
         # After uvicorn stopped accepting and open requests finished: drain the queues.
+        await service.shadow.stop()
         await service.registry.stop()
 
     app = FastAPI(

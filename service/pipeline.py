@@ -37,6 +37,7 @@ from segserve.service.media.tiling import (
 from segserve.service.runtime.memory import give_back_memory
 from segserve.service.runtime.registry import ModelRegistry, ServedModel
 from segserve.service.settings import Settings
+from segserve.service.shadow import Shadow
 from segserve.service.telemetry.clock import Stage, Timings
 from segserve.service.telemetry.prometheus import ServiceMetrics
 
@@ -89,6 +90,7 @@ class InferenceService:
         self.metrics = metrics or ServiceMetrics()
         self.registry = ModelRegistry(settings, self.metrics)
         self.budget = PixelBudget(settings.max_inflight_pixels)
+        self.shadow = Shadow(settings, self.registry, self.budget, self.metrics)
         self.limits = RequestLimits(
             settings.max_images_per_request,
             settings.max_image_pixels,
@@ -270,6 +272,8 @@ class InferenceService:
         )
         for c in counts:  # what the version predicts: drift without labels
             self.registry.observe_labels(model, c)
+        if all(im.grid is None for im in images):  # tiled images are not shadowed
+            self.shadow.offer(model, [im.rgb for im in images], labels)
         return labels
 
     async def _whole(

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     # the floor (a card's `class_floor` first; None: no floor).
     gate_tolerance: float = Field(0.01, ge=0, le=1)
     gate_class_floor: float | None = Field(None, ge=0, le=1)
+    # Shadow traffic (service/shadow.py): a version that passes the check set while another
+    # serves first answers this fraction of live requests in the shadow (its answers
+    # discarded, compared with the served ones) and serves only once `shadow_min_requests`
+    # agree at `shadow_min_agreement` mean IU or better; 0: off. `shadow`: the models it
+    # applies to (empty: all).
+    shadow_fraction: float = Field(0.0, ge=0, le=1)
+    shadow_models: str = ""
+    shadow_min_requests: int = Field(50, ge=1)
+    shadow_min_agreement: float = Field(0.95, ge=0, le=1)
     # Drift: the class mix of this many recent images per version against the check set's.
     drift_window: int = Field(200, ge=1)
     # onnxruntime's CPU arena: without it every run page-faults its activations in afresh
@@ -171,6 +180,10 @@ class Settings(BaseSettings):
 
     def batch_size_for(self, provider: str) -> int:
         return self.max_batch_size or DEFAULT_BATCH_SIZES.get(provider, 1)
+
+    @property
+    def shadow(self) -> tuple[str, ...]:
+        return parse_list(self.shadow_models)
 
     def tile_size_for(self, provider: str) -> int:
         return self.tile_size or DEFAULT_TILE_SIZES.get(provider, DEFAULT_TILE_SIZES["cpu"])

@@ -17,6 +17,7 @@ whole time. What Kubernetes does to a service every day, done here:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -325,6 +326,7 @@ def fleet(tiny_repository, tmp_path_factory):
     shutil.copytree(
         tiny_repository / "tiny" / "2", repository / "tiny" / "1"
     )  # uint8 in, labels out
+    write_check_set(repository / "tiny")
     replicas = [Replica(i, repository, tmp) for i in range(REPLICAS)]
     for r in replicas:
         r.start()
@@ -344,6 +346,50 @@ def fleet(tiny_repository, tmp_path_factory):
         REPORT.parent.mkdir(exist_ok=True)
         REPORT.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
+
+
+def write_check_set(model_dir: Path) -> None:
+    """A check set for the untrained tiny model: random images labelled with v1's own
+    answers (so v1 scores 1.0 and any version that answers otherwise scores less)."""
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"))
+    check = model_dir / "checkset"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (check / sub).mkdir(parents=True)
+    ids = []
+    for i in range(8):
+        path = check / "JPEGImages" / f"c{i}.jpg"
+        Image.open(io.BytesIO(image_bytes(64, 96, "JPEG", seed=i))).save(path)
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        labels = session.run(None, {"image": rgb[None]})[0][0]
+        Image.fromarray(labels.astype(np.uint8)).save(check / "SegmentationClass" / f"c{i}.png")
+        ids.append(f"c{i}")
+    (check / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
+
+
+def without_its_commonest_class(model_dir: Path, target: Path) -> None:
+    """A copy of v1 whose classifier can no longer say the class it says most on the check
+    set (its bias at -1000): it loads, warms and answers like any other version."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from PIL import Image
+
+    labels = [
+        np.asarray(Image.open(p))
+        for p in (model_dir / "checkset" / "SegmentationClass").glob("*.png")
+    ]
+    commonest = int(np.bincount(np.concatenate([x.ravel() for x in labels])).argmax())
+    model = onnx.load(str(model_dir / "1" / "model.onnx"))
+    for init in model.graph.initializer:
+        if init.name.endswith("classifier.bias"):
+            bias = numpy_helper.to_array(init).copy()
+            bias[commonest] = -1000.0
+            init.CopyFrom(numpy_helper.from_array(bias, init.name))
+    onnx.save(model, str(target / "model.onnx"))
 
 
 PAYLOAD = image_bytes(256, 256)
@@ -425,6 +471,41 @@ def test_a_killed_replica_fails_only_what_it_held(fleet):
         assert o.started < dead and o.ended < dead + 2, o
         assert f"request_id={o.request_id} " not in survivors, o
     assert set(haproxy_failed) <= {victim.name}
+
+
+def test_a_broken_version_is_refused_by_every_replica_and_never_answers(fleet):
+    """A version that loads and runs but cannot say the class the model says most, published
+    into the shared repository under load: every replica scores it on the check set and
+    refuses it; every answer meanwhile comes from version 1, none fails."""
+    replicas, balancer, _, repository, report = fleet
+    with Load(balancer.url, 8, PAYLOAD) as load:
+        wait_for(lambda: len(load.outcomes) >= 20, 60, "load flowing")
+        published = time.monotonic()
+        with publishing(repository, "tiny", 9) as folder:
+            without_its_commonest_class(repository / "tiny", folder)
+
+        def refused_by(r: Replica) -> bool:
+            states = httpx.get(r.url + "/models/tiny", timeout=5).json()["version_states"]
+            return any(s["version"] == 9 and s["state"] == "refused" for s in states)
+
+        wait_for(lambda: all(refused_by(r) for r in replicas), 120, "every replica refusing v9")
+        refused_after = round(time.monotonic() - published, 2)
+        time.sleep(1)
+    versions = {o.version for o in load.outcomes if o.status == 200}
+    failed = failures(load.outcomes)
+    report["broken_version"] = {
+        "requests": len(load.outcomes),
+        "failed": len(failed),
+        "versions_answering": sorted(versions),
+        "refused_by_all_after_s": refused_after,
+    }
+    assert failed == [] and versions == {"1"}
+    for r in replicas:
+        scores = {
+            s["version"]: s["scores"]["mean_iu"]
+            for s in httpx.get(r.url + "/models/tiny", timeout=5).json()["version_states"]
+        }
+        assert scores[1] == 1.0 and scores[9] < 0.99, (r.name, scores)
 
 
 def test_a_new_version_rolls_across_the_fleet_without_an_error(fleet):

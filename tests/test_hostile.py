@@ -271,6 +271,7 @@ def test_images_asked_to_fit_run_scaled_down_and_get_labels_at_their_own_size(ti
         )
 
 
+@pytest.mark.slow  # 5 s of two cores; make test-slow (the 40 MP test there too)
 def test_a_12_megapixel_photo_runs_in_tiles_at_its_own_size(app):
     photo_bytes = encode(photo(300, 400).resize((4000, 3000)), "JPEG", quality=85)
     r = app.post("/segment", content=photo_bytes, headers={"Content-Type": "image/jpeg"})

@@ -23,6 +23,7 @@ RANKS = {
     "web": 1,
     "protocols": 1,
     "pipeline": 2,
+    "shadow": 2,
     "limits": 2,
     "runtime": 3,
     "media": 3,

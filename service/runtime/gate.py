@@ -206,6 +206,8 @@ class VersionGate:
         self.refused: dict[tuple[str, int], Refusal] = {}
         self.pins: dict[str, int] = {}
         self.reviewing: set[tuple[str, int]] = set()
+        # Passed the check set, loaded, waiting on shadow traffic before it serves.
+        self.candidates: set[tuple[str, int]] = set()
 
     def check_set(self, name: str) -> CheckSet | None:
         return self._checks.get(name)
@@ -279,6 +281,10 @@ class VersionGate:
 
     def default_version(self, name: str, loaded: list[int]) -> int:
         """The version requests that name none get: the pinned one where it is loaded, else
-        the newest loaded (every loaded version passed the gate, or there is none)."""
+        the newest loaded that is not a candidate still on shadow trial (every loaded
+        version passed the check-set gate, or there is none)."""
         pin = self.pins.get(name)
-        return pin if pin in loaded else max(loaded)
+        if pin in loaded:
+            return pin
+        settled = [v for v in loaded if (name, v) not in self.candidates]
+        return max(settled or loaded)

@@ -250,10 +250,8 @@ class ModelRegistry:
             self.gate.reviewing.discard(key)
         if scores is not None:
             self.metrics.checkset_mean_iu.labels(model.name, str(model.version)).set(scores.mean_iu)
-        if scores is not None or not verdict.passed:
-            outcome = "promoted" if verdict.passed else "refused"
-            self.metrics.gate_decisions.labels(model.name, outcome).inc()
         if not verdict.passed:
+            self.metrics.gate_decisions.labels(model.name, "refused").inc()
             self.gate.refuse(model.name, model.version, verdict.reason, scores, model.files)
             log.warning("refused %s v%s: %s", model.name, model.version, verdict.reason)
             return False
@@ -262,6 +260,34 @@ class ModelRegistry:
         )
         log.info("%s v%s passed the gate: %s", model.name, model.version, verdict.reason)
         return True
+
+    def _shadowed(self, name: str) -> bool:
+        return self.settings.shadow_fraction > 0 and (
+            not self.settings.shadow or name in self.settings.shadow
+        )
+
+    def candidate(self, name: str) -> ServedModel | None:
+        """The version of `name` on shadow trial, if any."""
+        keys = sorted(k for k in self.gate.candidates if k[0] == name)
+        return self._models.get(name, {}).get(keys[-1][1]) if keys else None
+
+    def settle(self, model: ServedModel, promote: bool, reason: str) -> None:
+        """A candidate's shadow trial ends: it serves, or it is refused (unloaded, listed
+        with the reason; what it has queued still finishes)."""
+        key = (model.name, model.version)
+        if key not in self.gate.candidates:
+            return
+        self.gate.candidates.discard(key)
+        outcome = "promoted" if promote else "refused"
+        self.metrics.gate_decisions.labels(model.name, outcome).inc()
+        if promote:
+            log.info("%s v%s promoted after shadow traffic: %s", *key, reason)
+        else:
+            scores = self.gate.cached(model.name, model.version, model.files)
+            self.gate.refuse(model.name, model.version, reason, scores, model.files)
+            log.warning("refused %s v%s after shadow traffic: %s", *key, reason)
+            self._retire(model)
+        self._publish_serving()
 
     def _scores(self, model: ServedModel) -> Scores | None:
         return self.gate.scores(
@@ -299,7 +325,7 @@ class ModelRegistry:
         default = self.gate.default_version(name, list(loaded)) if loaded else None
         out = []
         for version, model in sorted(loaded.items()):
-            state = "loaded"
+            state = "candidate" if (name, version) in self.gate.candidates else "loaded"
             if version == default:
                 state = "pinned" if self.gate.pins.get(name) == version else "serving"
             scores = self.gate.cached(name, version, model.files)
@@ -398,6 +424,12 @@ class ModelRegistry:
             return
         if not await self._passes_gate(model):
             return
+        if not fatal_provider and self._shadowed(model.name) and model.name in self._models:
+            # Appeared while serving: on trial behind shadow traffic before it serves.
+            self.gate.candidates.add(key)
+            log.info("%s v%s is a candidate: shadowing live traffic", *key)
+        elif self.gate.check_set(model.name) is not None:
+            self.metrics.gate_decisions.labels(model.name, "promoted").inc()
         model.batcher.start()
         self._models.setdefault(model.name, {})[model.version] = model
         self._failed.pop(key, None)

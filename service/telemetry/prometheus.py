@@ -147,6 +147,9 @@ class ServiceMetrics:
         self.gate_decisions = Counter("segserve_gate_decisions_total", "Versions the check-set gate let serve (promoted) or refused", ["model", "outcome"], registry=r)
         self.predicted_pixels = Counter("segserve_predicted_pixels_total", "Pixels predicted as each class", ["model", "version", "class"], registry=r)
         self.dominant_images = Counter("segserve_dominant_class_images_total", "Images by the class with the most pixels in them", ["model", "version", "class"], registry=r)
+        self.shadow_requests = Counter("segserve_shadow_requests_total", "Live requests a candidate version answered in the shadow (ok, error) or passed over (skipped: busy, no pixel budget, refused)", ["model", "version", "outcome"], registry=r)
+        self.shadow_agreement = Gauge("segserve_shadow_agreement", "Mean IU of a candidate's shadow answers against the served answers, so far", ["model", "version"], registry=r)
+        self.shadow_duration = Histogram("segserve_shadow_duration_seconds", "Seconds a shadow run took, queue included", ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.class_mix_drift = Gauge("segserve_class_mix_drift", "Total variation distance between the class mix of the last images and the check set's, as this version predicts them (0 same, 1 disjoint)", ["model", "version"], registry=r)
         # fmt: on
 
