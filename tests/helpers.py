@@ -145,7 +145,14 @@ class Server:
 def run_server(repository: Path, tmp_path: Path, wait_ready: bool = True, **settings):
     """`segserve serve` as its own process on a free loopback port, settings as env vars."""
     port = free_port()
-    env = {**os.environ, "SEGSERVE_WARMUP_SHAPES": "64x64", "SEGSERVE_INTRA_OP_THREADS": "2"}
+    # float32 unless a test asks: timing an int8 variant at every start is seconds the
+    # suite spends again and again (test_variants and the browser test ask for auto).
+    env = {
+        **os.environ,
+        "SEGSERVE_WARMUP_SHAPES": "64x64",
+        "SEGSERVE_INTRA_OP_THREADS": "2",
+        "SEGSERVE_VARIANT": "float32",
+    }
     env.update({f"SEGSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     log = tmp_path / f"server-{port}.log"
     with log.open("w") as out:
@@ -187,7 +194,7 @@ class InProcess:
         from segserve.service.app import create_app
         from segserve.service.settings import Settings
 
-        values = {"warmup_shapes": "64x64", "intra_op_threads": 2, **settings}
+        values = {"warmup_shapes": "64x64", "intra_op_threads": 2, "variant": "float32", **settings}
         self.app = create_app(Settings(repository=repository, **values))
         self.service = self.app.state.service
         self.loop = asyncio.new_event_loop()

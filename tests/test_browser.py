@@ -33,7 +33,7 @@ def server(tmp_path_factory):
     if repository is None:
         repository = tmp_path_factory.mktemp("shipped")
         install(repository)
-    with run_server(repository, tmp_path_factory.mktemp("page"), api_key=KEY) as s:
+    with run_server(repository, tmp_path_factory.mktemp("page"), api_key=KEY, variant="auto") as s:
         yield s
 
 

@@ -6,9 +6,11 @@ and run by `make test-images` (tests/images/)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -18,8 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from PIL import Image
 
 from helpers import ROOT, free_port, image_bytes, require_tool, run_server, wait_for
+from segserve.default_model import install
 
 DOCKER = ROOT / "docker"
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -441,8 +445,20 @@ def stack(tiny_repository, tmp_path_factory):
     (tmp / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
     am_port, prom_port = free_port(), free_port()
     procs = []
+    # tiny (the default: first by name) for the panels; the shipped model with the check set
+    # `segserve init` writes, for drift (its alert judged on 20 answers here, not 200).
+    repository = tmp / "repository"
+    install(tmp / "shipped")
+    shutil.copytree(tmp / "shipped", repository)
+    shutil.copytree(tiny_repository / "tiny", repository / "tiny")
     server_cm = run_server(
-        tiny_repository, tmp, api_key="key", metrics_token="scrape", max_batch_size=4
+        repository,
+        tmp,
+        api_key="key",
+        metrics_token="scrape",
+        max_batch_size=4,
+        variant="float32",
+        drift_window=20,
     )
     server = server_cm.__enter__()
     try:
@@ -465,9 +481,10 @@ def stack(tiny_repository, tmp_path_factory):
             f"127.0.0.1:{am_port}",
             prom_port,
             "scrape",
-            immediate=(
+            immediate=(  # seconds, not minutes: the shipped waits are asserted
                 "SegserveTargetDown",
-            ),  # seconds, not a minute: the shipped wait is asserted
+                "SegserveClassMixDrift",
+            ),
         )
         procs.append(
             subprocess.Popen(
@@ -552,6 +569,38 @@ def test_every_rule_and_dashboard_query_evaluates_and_the_segserve_panels_have_d
     assert firing == [], firing  # a CPU stack: no DCGM target, no GPU alert
     statuses = {r["metric"]["status"] for r in query(api, "segserve:requests:rate5m")["result"]}
     assert {"200", "400"} <= statuses
+
+
+def test_answers_of_one_class_fire_the_drift_alert_and_replaying_the_check_set_does_not(stack):
+    api, _, server, tmp = stack
+    assert rules()["SegserveClassMixDrift"]["for"] == "15m"  # as shipped; 0s in this copy
+    check = sorted((tmp / "repository" / "unet-shapes" / "checkset" / "JPEGImages").glob("*.jpg"))
+    jpeg = {"Content-Type": "image/jpeg"}
+
+    def drift_alerts() -> list[dict]:
+        alerts = httpx.get(f"{api}/alerts", timeout=10).json()["data"]["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "SegserveClassMixDrift"]
+
+    assert len(check) >= 20
+    with server.client(headers={"Authorization": "Bearer key"}) as c:
+        for path in check[:20]:
+            r = c.post("/segment?model=unet-shapes", content=path.read_bytes(), headers=jpeg)
+            assert r.status_code == 200
+        wait_until(
+            lambda: query(api, 'segserve_class_mix_drift{model="unet-shapes"}')["result"],
+            30,
+            tmp / "prometheus.log",
+        )
+        time.sleep(1.5)  # a scrape and an evaluation with the replay's mix
+        assert drift_alerts() == []
+        flat = Image.new("RGB", (160, 160), (40, 140, 200))
+        body = io.BytesIO()
+        flat.save(body, "JPEG")
+        for _ in range(20):  # flat colour: the model answers background, nothing else
+            c.post("/segment?model=unet-shapes", content=body.getvalue(), headers=jpeg)
+    wait_until(lambda: drift_alerts(), 30, tmp / "prometheus.log")
+    (alert,) = drift_alerts()
+    assert alert["labels"]["model"] == "unet-shapes" and float(alert["value"]) > 0.15
 
 
 def test_a_stopped_segserve_fires_target_down_and_it_reaches_the_receiver(stack):
