@@ -395,6 +395,8 @@ def test_dashboard_has_the_panels_and_variables_users_need():
         "gpu memory",
         "predicted wait",
         "padding",
+        "check-set mean iu",
+        "drift",
     ):
         assert word in titles, word
     assert {v["name"] for v in dashboard()["templating"]["list"]} == {"model", "instance"}
@@ -516,6 +518,15 @@ def stack(tiny_repository, tmp_path_factory):
                     headers={"Content-Type": "image/jpeg"},
                 )
                 c.post("/segment", content=b"junk", headers={"Content-Type": "image/png"})
+            # the shipped model, for the drift panel: two images of its own check set
+            for path in sorted(
+                (repository / "unet-shapes" / "checkset" / "JPEGImages").glob("*.jpg")
+            )[:2]:
+                c.post(
+                    "/segment?model=unet-shapes",
+                    content=path.read_bytes(),
+                    headers={"Content-Type": "image/jpeg"},
+                )
         wait_until(
             lambda: query(api, "segserve:request_duration_seconds:p95_5m")["result"],
             30,
