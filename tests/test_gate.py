@@ -153,6 +153,7 @@ def test_without_a_check_set_versions_go_live_ungated(tiny_repository):
     models = registry(tiny_repository)
     version, states = served_and_states(models, "tiny")
     assert version == 2 and all(s["scores"] is None for s in states)
+    assert {s["reason"] for s in states} == {"ungated: the model has no check set"}
     assert models.gate.check_set("tiny") is None
 
 

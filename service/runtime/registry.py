@@ -329,12 +329,13 @@ class ModelRegistry:
             if version == default:
                 state = "pinned" if self.gate.pins.get(name) == version else "serving"
             scores = self.gate.cached(name, version, model.files)
+            reason = None if scores else "ungated: the model has no check set"
             out.append(
                 {
                     "version": version,
                     "state": state,
                     "scores": scores and scores.as_dict(),
-                    "reason": None,
+                    "reason": reason,
                 }
             )
         for (n, version), refusal in sorted(self.gate.refused.items()):
@@ -349,7 +350,12 @@ class ModelRegistry:
                     }
                 )
         out.extend(
-            {"version": v, "state": "candidate", "scores": None, "reason": None}
+            {
+                "version": v,
+                "state": "candidate",
+                "scores": None,
+                "reason": "being scored on the check set",
+            }
             for n, v in sorted(self.gate.reviewing)
             if n == name
         )

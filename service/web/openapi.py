@@ -141,7 +141,9 @@ class VersionState(BaseModel):
         "candidate (being scored), refused (by the check-set gate: never served)"
     )
     scores: CheckSetScores | None = Field(description="on the model's check set (None: ungated)")
-    reason: str | None = Field(description="why a version was refused")
+    reason: str | None = Field(
+        description="why a version was refused, or that it is ungated (no check set)"
+    )
 
 
 class Gate(BaseModel):
