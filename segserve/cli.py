@@ -611,6 +611,13 @@ def add_serve(sub: Subcommands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: every one)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve the Open Inference Protocol over gRPC here (8001 by convention; "
+        "default: $SEGSERVE_GRPC_PORT, else off); needs the grpc extra",
+    )
+    p.add_argument(
         "--repository",
         type=Path,
         default=None,
@@ -624,7 +631,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from segserve.service.settings import Settings
     from segserve.service.telemetry import logs
 
-    overrides = {"repository": args.repository} if args.repository is not None else {}
+    overrides: dict = {"repository": args.repository} if args.repository is not None else {}
+    if args.grpc_port is not None:
+        overrides["grpc_port"] = args.grpc_port
     settings = Settings(**overrides)
     logs.configure(settings.log_format)
     serve(settings, args.host, args.port)

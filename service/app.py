@@ -18,14 +18,28 @@ from segserve.service.web.middleware import RequestMiddleware
 from segserve.service.web.routes import catalog, docs, health, page, segment, v2
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
     service = InferenceService(settings or Settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.registry.start()
+        grpc = None
+        if service.settings.grpc_port is not None:  # the same pipeline over gRPC, beside
+            try:
+                from segserve.service.protocols import grpc_server
+            except ImportError as exc:
+                raise RuntimeError(
+                    f"grpc_port is set but gRPC is not installed ({exc}): "
+                    "pip install 'segserve[grpc]'"
+                ) from exc
+
+            grpc = await grpc_server.start(service, grpc_host, service.settings.grpc_port)
+            app.state.grpc_port = grpc[2]
         yield
         # After uvicorn stopped accepting and open requests finished: drain the queues.
+        if grpc is not None:
+            await grpc_server.stop(*grpc[:2])
         await service.shadow.stop()
         await service.registry.stop()
 

@@ -47,7 +47,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings, host: str, port: int) -> None:
     """Run the service on host:port until signalled."""
-    app = create_app(settings)
+    app = create_app(settings, grpc_host=host)
     config = uvicorn.Config(
         app,
         host=host,

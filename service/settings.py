@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     # image: 30 + 78 s; it takes 50-60 s alone on two AVX2 cores, docs/benchmarks.md).
     timeout_s_per_megapixel: float = Field(2.0, ge=0)
 
+    # The Open Inference Protocol over gRPC on this port, beside HTTP (None: off; the
+    # convention is 8001). Needs the `grpc` extra (grpcio, grpcio-health-checking).
+    grpc_port: int | None = Field(None, ge=0, le=65535)
+
     # -- scale --------------------------------------------------------------------------
     # The side of a tile (None: by provider, DEFAULT_TILE_SIZES), rounded down to the model's
     # size divisor and raised to four times its halo where the halo needs it. A native image
