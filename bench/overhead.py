@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +28,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from bench.compare import start
 from segserve import loadgen
 from segserve.contracts.card import ModelCard
 from segserve.contracts.palette import voc_palette
@@ -131,10 +131,15 @@ def measure(
     }
     log = Path(tempfile.mkdtemp()) / "server.log"
     cmd = [sys.executable, "-m", "segserve.cli", "serve", "--port", str(port)]
-    proc = start(cmd, port, env, log, cwd=tree)
+    # The tree's own code (PYTHONPATH), its own working directory: a baseline checkout runs
+    # as it was.
+    proc = subprocess.Popen(
+        cmd, cwd=tree, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:
+        loadgen.wait_until_up(f"{url}/metrics", proc, 180, log)
         for n in levels:
             (stats,) = loadgen.bench(
                 loadgen.Target(url), [n], duration, images, progress=False, server_pid=proc.pid

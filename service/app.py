@@ -13,13 +13,16 @@ from fastapi import FastAPI
 from segserve import __version__
 from segserve.service.pipeline import InferenceService
 from segserve.service.settings import Settings
+from segserve.service.telemetry.tracing import Tracing
 from segserve.service.web.handlers import install_error_handlers
 from segserve.service.web.middleware import RequestMiddleware
 from segserve.service.web.routes import catalog, docs, health, page, segment, v2
 
 
 def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
-    service = InferenceService(settings or Settings())
+    # OpenTelemetry from its standard environment variables; off (and free) when unset.
+    tracing = Tracing.from_env()
+    service = InferenceService(settings or Settings(), tracing=tracing)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -42,6 +45,7 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
             await grpc_server.stop(*grpc[:2])
         await service.shadow.stop()
         await service.registry.stop()
+        tracing.shutdown()
 
     app = FastAPI(
         title="segserve",
@@ -58,6 +62,7 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
         metrics=service.metrics,
         timeout_s=service.settings.request_timeout_s,
         closing=lambda: service.registry.draining,
+        tracing=tracing,
     )
     install_error_handlers(app)
     for module in (segment, catalog, health, v2, docs, page):

@@ -40,6 +40,7 @@ from segserve.service.settings import Settings
 from segserve.service.shadow import Shadow
 from segserve.service.telemetry.clock import Stage, Timings
 from segserve.service.telemetry.prometheus import ServiceMetrics
+from segserve.service.telemetry.tracing import Tracing
 
 log = logging.getLogger("segserve")
 T = TypeVar("T")
@@ -85,10 +86,16 @@ class DecodedImage:
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
-        self.registry = ModelRegistry(settings, self.metrics)
+        self.tracing = tracing or Tracing()
+        self.registry = ModelRegistry(settings, self.metrics, self.tracing)
         self.budget = PixelBudget(settings.max_inflight_pixels)
         self.shadow = Shadow(settings, self.registry, self.budget, self.metrics)
         self.limits = RequestLimits(
@@ -215,6 +222,14 @@ class InferenceService:
         when it is queued)."""
         self.metrics.image_pixels.observe(size[0] * size[1])
         grid = plan.grid(rgb.shape[:2])
+        timings.note(
+            **{
+                "segserve.pixels": size[0] * size[1],
+                "segserve.tiles": grid.count if grid else 1,
+                "segserve.scale": plan.policy,
+                "segserve.variant": model.variant,
+            }
+        )
         if grid is not None:
             return DecodedImage(rgb, size, plan, grid)
         with timings.stage(Stage.PREPROCESS):

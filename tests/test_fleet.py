@@ -17,7 +17,6 @@ whole time. What Kubernetes does to a service every day, done here:
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -36,7 +35,15 @@ import httpx
 import pytest
 import yaml
 
-from helpers import ROOT, free_port, image_bytes, require_tool, wait_for
+from helpers import (
+    ROOT,
+    free_port,
+    image_bytes,
+    require_tool,
+    wait_for,
+    without_its_commonest_class,
+    write_check_set,
+)
 from segserve.contracts.repository import publishing
 
 pytestmark = pytest.mark.fleet
@@ -346,50 +353,6 @@ def fleet(tiny_repository, tmp_path_factory):
         REPORT.parent.mkdir(exist_ok=True)
         REPORT.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
-
-
-def write_check_set(model_dir: Path) -> None:
-    """A check set for the untrained tiny model: random images labelled with v1's own
-    answers (so v1 scores 1.0 and any version that answers otherwise scores less)."""
-    import numpy as np
-    import onnxruntime as ort
-    from PIL import Image
-
-    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"))
-    check = model_dir / "checkset"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (check / sub).mkdir(parents=True)
-    ids = []
-    for i in range(8):
-        path = check / "JPEGImages" / f"c{i}.jpg"
-        Image.open(io.BytesIO(image_bytes(64, 96, "JPEG", seed=i))).save(path)
-        rgb = np.asarray(Image.open(path).convert("RGB"))
-        labels = session.run(None, {"image": rgb[None]})[0][0]
-        Image.fromarray(labels.astype(np.uint8)).save(check / "SegmentationClass" / f"c{i}.png")
-        ids.append(f"c{i}")
-    (check / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
-
-
-def without_its_commonest_class(model_dir: Path, target: Path) -> None:
-    """A copy of v1 whose classifier can no longer say the class it says most on the check
-    set (its bias at -1000): it loads, warms and answers like any other version."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-    from PIL import Image
-
-    labels = [
-        np.asarray(Image.open(p))
-        for p in (model_dir / "checkset" / "SegmentationClass").glob("*.png")
-    ]
-    commonest = int(np.bincount(np.concatenate([x.ravel() for x in labels])).argmax())
-    model = onnx.load(str(model_dir / "1" / "model.onnx"))
-    for init in model.graph.initializer:
-        if init.name.endswith("classifier.bias"):
-            bias = numpy_helper.to_array(init).copy()
-            bias[commonest] = -1000.0
-            init.CopyFrom(numpy_helper.from_array(bias, init.name))
-    onnx.save(model, str(target / "model.onnx"))
 
 
 PAYLOAD = image_bytes(256, 256)

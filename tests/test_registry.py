@@ -12,6 +12,7 @@ from segserve.service.errors import ServiceError
 from segserve.service.runtime.registry import ModelRegistry
 from segserve.service.settings import Settings
 from segserve.service.telemetry.prometheus import ServiceMetrics
+from segserve.service.telemetry.tracing import Tracing
 
 
 def registry(repository, **settings) -> ModelRegistry:
@@ -133,13 +134,22 @@ def test_a_batch_run_adds_its_stages_to_each_request_once_and_counts_the_batch()
         for enqueued, clock in ((10.0, timings), (11.0, timings), (11.5, other))
     ]
     loop.close()
-    record_batch(metrics, "m", BatchRun(jobs, 12.0, 0.25, 0.5, 4 * 32 * 32))
+    record_batch(
+        metrics, "m", Tracing(), 1, "float32", BatchRun(jobs, 12.0, 0.25, 0.5, 4 * 32 * 32)
+    )
     assert timings.seconds == {Stage.QUEUE: 2.0, Stage.PREPROCESS: 0.25, Stage.INFERENCE: 0.5}
     assert other.seconds == {Stage.QUEUE: 0.5, Stage.PREPROCESS: 0.25, Stage.INFERENCE: 0.5}
     sample = metrics.registry.get_sample_value
     assert sample("segserve_batch_size_count", {"model": "m"}) == 1
     assert sample("segserve_padding_pixels_total", {"model": "m"}) == 32 * 32
-    record_batch(metrics, "m", BatchRun(jobs[:1], 13.0, 0.0, 0.1, 32 * 32, failed=True))
+    record_batch(
+        metrics,
+        "m",
+        Tracing(),
+        1,
+        "float32",
+        BatchRun(jobs[:1], 13.0, 0.0, 0.1, 32 * 32, failed=True),
+    )
     assert sample("segserve_batch_size_count", {"model": "m"}) == 1  # a failed run: no batch
     assert Stage.INFERENCE in timings.seconds and timings.seconds[Stage.INFERENCE] == 0.5
 

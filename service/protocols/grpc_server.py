@@ -130,6 +130,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining < timings.left():
             timings.deadline = timings.arrived + remaining  # the client's deadline comes first
+        tracing = service.tracing
+        if not tracing.enabled:
+            return await self._infer(request, context, model, timings)
+        carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        span = tracing.start_request(f"/{SERVICE_NAME}/ModelInfer", carrier, timings)
+        context.set_trailing_metadata((("x-trace-id", tracing.trace_id(span)),))
+        status = "OK"
+        try:
+            return await self._infer(request, context, model, timings)
+        except ServiceError as exc:
+            status = STATUS.get(exc.status, grpc.StatusCode.INTERNAL).name
+            raise
+        finally:
+            attributes = {
+                "rpc.system": "grpc",
+                "rpc.grpc.status_code": status,
+                "segserve.model": model.name,
+                "segserve.version": str(model.version),
+                **timings.notes,
+            }
+            tracing.end_request(span, timings, **attributes)
+
+    async def _infer(self, request, context, model, timings: Timings):
+        service = self.service
         req, binary = as_infer_request(request)
         tensor = await asyncio.to_thread(open_inference.image_input, req, binary, service.limits)
         scale = req.parameters.scale if req.parameters else None
@@ -144,7 +168,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             labels = await service.segment(model, images, timings)
             stacked = await service.encode_labels(images, labels, _stack, timings)
         service.metrics.observe_stages(timings, model.name)
-        context.set_trailing_metadata((("x-model-version", str(model.version)),))
         return pb.ModelInferResponse(
             model_name=model.name,
             model_version=str(model.version),

@@ -32,6 +32,7 @@ from segserve.service.settings import Settings
 from segserve.service.telemetry.clock import Stage, Timings
 from segserve.service.telemetry.drift import DriftWindow
 from segserve.service.telemetry.prometheus import ServiceMetrics
+from segserve.service.telemetry.tracing import Tracing
 
 log = logging.getLogger("segserve")
 
@@ -69,8 +70,11 @@ class FailedModel:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: ServiceMetrics, tracing: Tracing | None = None
+    ) -> None:
         self.settings, self.metrics = settings, metrics
+        self.tracing = tracing or Tracing()
         self._models: dict[str, dict[int, ServedModel]] = {}
         self._failed: dict[tuple[str, int], FailedModel] = {}
         self._default: str | None = None
@@ -535,7 +539,9 @@ class ModelRegistry:
             max_queue=s.max_queue,
             max_queued_pixels=s.max_queued_pixels,
             max_queue_delay_ms=s.max_queue_delay_ms,
-            on_batch=partial(record_batch, self.metrics, entry.name),
+            on_batch=partial(
+                record_batch, self.metrics, entry.name, self.tracing, entry.version, variant
+            ),
         )
         for pixels, took in runs[variant]:  # the cost model's first measurements: warm runs
             batcher.cost.observe(pixels, took)
@@ -574,12 +580,25 @@ def _files(entry: VersionEntry) -> tuple[tuple[str, float], ...]:
     return tuple((p.name, p.stat().st_mtime) for p in paths)
 
 
-def record_batch(metrics: ServiceMetrics, model: str, run: BatchRun) -> None:
+def record_batch(
+    metrics: ServiceMetrics,
+    model: str,
+    tracing: Tracing,
+    version: int,
+    variant: str,
+    run: BatchRun,
+) -> None:
     """What a run of the engine adds to its requests' clocks (the `Timings` each request
-    submits as its jobs' context) and to the batch metrics."""
+    submits as its jobs' context), to the batch metrics, and (traced) to the trace."""
     for job in run.jobs:
         if isinstance(job.context, Timings):
             job.context.longest(Stage.QUEUE, run.started - job.enqueued)
+            job.context.interval(Stage.QUEUE, job.enqueued, run.started)
+            job.context.interval(
+                Stage.INFERENCE, run.started, run.started + run.run_s, batch_size=len(run.jobs)
+            )
+    if tracing.enabled:
+        tracing.batch(run, model, version, variant)
     for timings in run.contexts():
         if isinstance(timings, Timings):
             timings.add(Stage.PREPROCESS, run.prepare_s)

@@ -34,12 +34,17 @@ class Timings:
     One clock (time.monotonic) for all of it. Stages measured in several pieces add up; a
     request of several images takes the longest queue wait of its images."""
 
-    __slots__ = ("arrived", "deadline", "seconds")
+    __slots__ = ("arrived", "deadline", "seconds", "spans", "trace", "notes")
 
     def __init__(self, timeout_s: float = float("inf"), arrived: float | None = None) -> None:
         self.arrived = time.monotonic() if arrived is None else arrived
         self.deadline = self.arrived + timeout_s
         self.seconds: dict[Stage, float] = {}
+        # While the request is traced (telemetry/tracing.py): its stages as intervals, its
+        # span, and what the pipeline notes about it (pixels, tiles). None: not traced.
+        self.spans: list[tuple[str, float, float, dict]] | None = None
+        self.trace = None
+        self.notes: dict = {}
 
     @contextmanager
     def stage(self, stage: Stage) -> Iterator[None]:
@@ -47,7 +52,20 @@ class Timings:
         try:
             yield
         finally:
-            self.add(stage, time.monotonic() - t0)
+            t1 = time.monotonic()
+            self.add(stage, t1 - t0)
+            if self.spans is not None:
+                self.spans.append((stage.value, t0, t1, {}))
+
+    def interval(self, stage: Stage, start: float, end: float, **attributes) -> None:
+        """A stage measured elsewhere (the batcher's queue and run), for the trace."""
+        if self.spans is not None:
+            self.spans.append((stage.value, start, end, attributes))
+
+    def note(self, **attributes) -> None:
+        """Facts about the request for its trace (only kept while it is traced)."""
+        if self.spans is not None:
+            self.notes.update(attributes)
 
     def add(self, stage: Stage, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds

@@ -21,6 +21,7 @@ from segserve.service.errors import error_json
 from segserve.service.telemetry.clock import Timings
 from segserve.service.telemetry.logs import FIELDS
 from segserve.service.telemetry.prometheus import ServiceMetrics
+from segserve.service.telemetry.tracing import Tracing
 
 log = logging.getLogger("segserve.request")
 
@@ -43,8 +44,10 @@ class RequestMiddleware:
         metrics: ServiceMetrics,
         timeout_s: float = float("inf"),
         closing: Callable[[], bool] = lambda: False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.app, self.metrics, self.timeout_s = app, metrics, timeout_s
+        self.tracing = tracing or Tracing()
         # True while the server drains for shutdown: each response closes its connection,
         # so no client holds a keep-alive connection to a replica about to stop listening.
         self.closing = closing
@@ -58,6 +61,15 @@ class RequestMiddleware:
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, timings=timings)
         status, started = 500, False
+        span = None
+        if self.tracing.enabled and scope["path"] not in QUIET_ROUTES:  # probes: no traces
+            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            span = self.tracing.start_request(
+                f"{scope['method']} {scope['path']}",
+                carrier,
+                timings,
+                **{"http.request.method": scope["method"], "segserve.request_id": request_id},
+            )
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started
@@ -65,6 +77,8 @@ class RequestMiddleware:
                 status, started = message["status"], True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                if span is not None:
+                    headers.append((b"x-trace-id", self.tracing.trace_id(span).encode()))
                 if self.closing():
                     headers.append((b"connection", b"close"))
                 if "model" in state:
@@ -114,4 +128,20 @@ class RequestMiddleware:
                 }
                 if timings.seconds:
                     fields["stages_ms"] = timings.milliseconds()
+                if span is not None:
+                    fields["trace_id"] = self.tracing.trace_id(span)
                 log.info("request", extra={FIELDS: fields})
+            if span is not None:
+                span.update_name(f"{scope['method']} {route}")
+                self.tracing.end_request(
+                    span,
+                    timings,
+                    **{
+                        "http.route": route,
+                        "http.response.status_code": status,
+                        "segserve.model": model,
+                        "segserve.version": str(state.get("version", "")),
+                        "segserve.request_id": request_id,
+                        **timings.notes,
+                    },
+                )
