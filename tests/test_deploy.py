@@ -527,11 +527,8 @@ def stack(tiny_repository, tmp_path_factory):
                     content=path.read_bytes(),
                     headers={"Content-Type": "image/jpeg"},
                 )
-        wait_until(
-            lambda: query(api, "segserve:request_duration_seconds:p95_5m")["result"],
-            30,
-            tmp / "prometheus.log",
-        )
+        for expr in ("segserve:request_duration_seconds:p95_5m", "segserve_class_mix_drift"):
+            wait_until(lambda e=expr: query(api, e)["result"], 30, tmp / "prometheus.log")
         yield api, server_cm, server, tmp
     finally:
         server_cm.__exit__(None, None, None)
