@@ -31,21 +31,18 @@ from segserve.service.limits import Lease, PixelBudget
 from segserve.service.runtime.registry import ModelRegistry, ServedModel
 from segserve.service.settings import Settings
 from segserve.service.telemetry.prometheus import ServiceMetrics
+from segserve.training.metrics import ConfusionMatrix, segmentation_scores
 
 log = logging.getLogger("segserve")
 
 
 def label_agreement(served: np.ndarray, shadow: np.ndarray, num_classes: int) -> float:
-    """Mean IU of the shadow labels against the served ones (classes in either); 1.0 when
-    both are the same map."""
-    n = num_classes
-    matrix = np.bincount(
-        served.ravel().astype(np.int64) * n + shadow.ravel(), minlength=n * n
-    ).reshape(n, n)
-    inter = np.diag(matrix).astype(np.float64)
-    union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
-    present = union > 0
-    return float((inter[present] / union[present]).mean()) if present.any() else 1.0
+    """Mean IU of the shadow labels against the served ones (classes in either; scored as
+    `segserve eval` scores labels against the truth); 1.0 when both are the same map."""
+    matrix = ConfusionMatrix(num_classes, ignore_index=-1)  # every served label counts
+    matrix.update(shadow, served)
+    mean_iu = segmentation_scores(matrix.matrix)["mean_iu"]
+    return 1.0 if np.isnan(mean_iu) else mean_iu
 
 
 @dataclass
@@ -121,8 +118,9 @@ class Shadow:
             self.metrics.shadow_requests.labels(candidate.name, version, "error").inc()
         else:
             n = candidate.card.num_classes
-            agreement = float(
-                np.mean([label_agreement(s, a, n) for s, a in zip(served, answers, strict=True)])
+            pairs = list(zip(served, answers, strict=True))
+            agreement = await asyncio.to_thread(  # a few ms a megapixel: not on the loop
+                lambda: float(np.mean([label_agreement(s, a, n) for s, a in pairs]))
             )
             trial.requests += 1
             trial.agreement_sum += agreement

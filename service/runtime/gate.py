@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from segserve.contracts.palette import IGNORE_LABEL
+from segserve.service.telemetry.drift import class_mix
+from segserve.training.metrics import ConfusionMatrix, segmentation_scores
 
 CHECKSET_DIR = "checkset"
 PIN_FILE = "pin"
@@ -41,12 +43,6 @@ class CheckSet:
     images: list[np.ndarray] = field(repr=False)
     labels: list[np.ndarray] = field(repr=False)
     signature: tuple = field(repr=False)  # its files and their mtimes: a changed set is read again
-
-    def mix(self, num_classes: int) -> np.ndarray:
-        """The labels' class mix: each image's class fractions (ignore left out), averaged."""
-        return class_mix(
-            [np.bincount(lab[lab != IGNORE_LABEL], minlength=num_classes) for lab in self.labels]
-        )
 
 
 def check_set_signature(model_dir: Path) -> tuple | None:
@@ -84,14 +80,6 @@ def load_check_set(model_dir: Path) -> CheckSet | None:
     return CheckSet(root, images, labels, signature)
 
 
-def class_mix(counts: list[np.ndarray]) -> np.ndarray:
-    """Per-image class pixel counts -> the mean of each image's class fractions."""
-    fractions = [c / c.sum() for c in counts if c.sum() > 0]
-    if not fractions:
-        return np.zeros(len(counts[0]) if counts else 0)
-    return np.mean(fractions, axis=0)
-
-
 @dataclass(frozen=True)
 class Scores:
     """A version's figures on the check set: mean IU, per-class IU (None: class absent from
@@ -111,29 +99,25 @@ class Scores:
 
 
 def score(segment: Callable[[np.ndarray], np.ndarray], check: CheckSet, num_classes: int) -> Scores:
-    """Run every check-set image through `segment` (one image -> its labels) and score."""
-    matrix = np.zeros((num_classes, num_classes), np.int64)
+    """Run every check-set image through `segment` (one image -> its labels) and score it
+    as `segserve eval` does (training/metrics.py)."""
+    matrix = ConfusionMatrix(num_classes)
     predicted = []
     for rgb, truth in zip(check.images, check.labels, strict=True):
-        labels = segment(rgb).astype(np.int64)
-        keep = truth != IGNORE_LABEL
-        t = truth[keep].astype(np.int64)
-        if t.size and t.max() >= num_classes:
+        labels = segment(rgb)
+        known = truth[truth != IGNORE_LABEL]
+        if known.size and known.max() >= num_classes:  # the set's fault, not the model's
             raise CheckSetError(
-                f"check set labels hold class {int(t.max())}; the model has {num_classes}"
+                f"check set labels hold class {int(known.max())}; the model has {num_classes}"
             )
-        matrix += np.bincount(t * num_classes + labels[keep], minlength=num_classes**2).reshape(
-            num_classes, num_classes
-        )
+        matrix.update(labels, truth)
         predicted.append(np.bincount(labels.ravel(), minlength=num_classes))
-    inter = np.diag(matrix).astype(np.float64)
-    union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
-    present = union > 0
-    iu = np.where(present, inter / np.maximum(union, 1), np.nan)
+    scores = segmentation_scores(matrix.matrix)
+    iu = scores["per_class_iu"]
     return Scores(
         len(check.images),
-        float(np.nanmean(iu)) if present.any() else 0.0,
-        [None if np.isnan(v) else float(v) for v in iu],
+        0.0 if np.isnan(scores["mean_iu"]) else scores["mean_iu"],
+        [None if np.isnan(v) else v for v in iu],
         [float(v) for v in class_mix(predicted)],
     )
 

@@ -16,25 +16,33 @@ from collections import deque
 import numpy as np
 
 
+def class_mix(counts: list[np.ndarray]) -> np.ndarray:
+    """Per-image class pixel counts -> the mean of each image's class fractions (images with
+    no pixels left out): the same for live answers and a version's check-set answers."""
+    fractions = [c / c.sum() for c in counts if c.sum() > 0]
+    if not fractions:
+        return np.zeros(len(counts[0]) if counts else 0)
+    return np.mean(fractions, axis=0)
+
+
 def total_variation(p: np.ndarray, q: np.ndarray) -> float:
     """Half the L1 distance of two distributions over the same classes: in [0, 1]."""
     return float(0.5 * np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum())
 
 
 class DriftWindow:
-    """The last `size` images' class fractions of one model version, and its reference."""
+    """The last `size` images' class counts of one model version, and its reference."""
 
     def __init__(self, size: int, reference: list[float] | None) -> None:
-        self.fractions: deque[np.ndarray] = deque(maxlen=size)
+        self.counts: deque[np.ndarray] = deque(maxlen=size)
         self.reference = None if reference is None else np.asarray(reference, np.float64)
 
     def observe(self, counts: np.ndarray) -> None:
-        total = counts.sum()
-        if total > 0:
-            self.fractions.append(counts / total)
+        if counts.sum() > 0:
+            self.counts.append(counts)
 
     def score(self) -> float | None:
         """The drift score now, or None without a reference or an image."""
-        if self.reference is None or not self.fractions:
+        if self.reference is None or not self.counts:
             return None
-        return total_variation(np.mean(self.fractions, axis=0), self.reference)
+        return total_variation(class_mix(list(self.counts)), self.reference)
