@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -45,6 +46,25 @@ def test_the_shipped_model_is_small_and_installs_only_into_an_empty_repository(r
     folder = repository / NAME / str(VERSION)
     assert (folder / "model.onnx").read_bytes() == (FILES / "model.onnx").read_bytes()
     assert install(repository) is None  # a repository with a model is left as it is
+
+
+WEIGHTS = (".onnx", ".data", ".pt", ".pth", ".bin", ".npz", ".npy", ".safetensors")
+
+
+def test_the_only_weights_in_the_repository_are_the_shipped_model_s_under_10_mb():
+    """Weights in git are the default model and its variants, 10 MB together; anything else
+    (an ONNX tool's external-data file written where it ran, a checkpoint) is a mistake."""
+    root = FILES.parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
+    weights = [root / f for f in listed if f.lower().endswith(WEIGHTS)]
+    assert {w.parent for w in weights} == {FILES}, sorted(map(str, weights))
+    assert sum(w.stat().st_size for w in weights) <= 10 * 1000 * 1000
 
 
 def test_its_card_says_how_it_was_made_and_how_well_it_scores(repository):
