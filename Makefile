@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
 
-.PHONY: setup tools run test test-slow test-images test-fleet screenshots lint bootstrap bench-peers clean
+.PHONY: setup tools run test test-slow test-images test-fleet lock screenshots lint bootstrap bench-peers clean
 
 # torch and torchvision go through pip on their own, pinned: pip takes them from this
 # machine's disk; the rest of the project installs with its train and dev extras.
@@ -56,6 +56,11 @@ test-slow: setup
 test-images: setup tools
 	$(PY) -m pytest -m images tests/images -v -p no:cacheprovider
 	@cat .bench/images-report.json
+
+# The images' pins (docker/requirements-serve.txt) from pyproject.toml, resolved by pip
+# without installing: after a dependency change, then `make test-images`.
+lock: setup
+	$(PY) docker/lock.py
 
 # Three replicas behind haproxy with Prometheus, under load: rolling restarts, a SIGKILL, a
 # new version rolled out, the autoscaling queries (tests/test_fleet.py). About five minutes.

@@ -116,7 +116,8 @@ class Settings(BaseSettings):
     timeout_s_per_megapixel: float = Field(2.0, ge=0)
 
     # The Open Inference Protocol over gRPC on this port, beside HTTP (None: off; the
-    # convention is 8001). Needs the `grpc` extra (grpcio, grpcio-health-checking).
+    # convention is 8001; the images set it). Needs the `grpc` extra (grpcio,
+    # grpcio-health-checking). "off" or "" in the environment turns it off.
     grpc_port: int | None = Field(None, ge=0, le=65535)
 
     # -- scale --------------------------------------------------------------------------
@@ -164,6 +165,12 @@ class Settings(BaseSettings):
     def _valid_shapes(cls, value: str) -> str:
         parse_shapes(value)
         return value
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _off_is_none(cls, value: object) -> object:
+        # An image that serves gRPC by default must be able to say "not here" by environment.
+        return None if isinstance(value, str) and value.strip().lower() in ("", "off") else value
 
     @field_validator("image_formats")
     @classmethod

@@ -105,6 +105,7 @@ def test_compose_files_parse_as_the_compose_specification(files):
         "prometheus",
         "alertmanager",
         "grafana",
+        "jaeger",
     }
 
 
@@ -124,7 +125,7 @@ def test_compose_is_hardened_and_monitoring_is_independent_and_local():
             assert s["logging"]["options"]["max-size"], name
             assert s["deploy"]["resources"]["limits"]["memory"], name
             assert "healthcheck" in s, name
-        for name in ("prometheus", "alertmanager", "grafana"):
+        for name in ("prometheus", "alertmanager", "grafana", "jaeger"):
             assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), name
         assert "segserve" not in services["prometheus"].get("depends_on", {})
         assert services["segserve"]["environment"]["SEGSERVE_API_KEY"] == "k"
@@ -136,9 +137,48 @@ def test_compose_is_hardened_and_monitoring_is_independent_and_local():
     assert "reservations" not in cpu["segserve"]["deploy"]["resources"]
     assert cpu["dcgm-exporter"]["profiles"] == ["gpu-metrics"]
     assert cpu["segserve"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert services["jaeger"]["profiles"] == ["tracing"]  # traces only when asked for
     # One health story: liveness /healthz (image HEALTHCHECK, k8s livenessProbe), readiness
     # /readyz (compose healthcheck, k8s readinessProbe).
     assert "/readyz" in json.dumps(gpu["segserve"]["healthcheck"]["test"])
+
+
+def test_every_way_to_run_the_image_exposes_its_grpc_port_and_leaves_tracing_off():
+    """The images listen for gRPC on 8001 (SEGSERVE_GRPC_PORT); compose publishes it, the
+    Deployment and its Service name it, KServe's predictor lists it. Tracing is off unless
+    asked for, and when asked it speaks the one protocol segserve exports."""
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (DOCKER / name).read_text()
+        assert re.search(r"^\s+SEGSERVE_GRPC_PORT=8001 ", text, re.M), name
+        assert re.search(r"^EXPOSE 8000 8001$", text, re.M), name
+    cpu = (DOCKER / "Dockerfile.cpu").read_text()
+    assert '"/src[grpc,tracing]"' in cpu
+    lock = (DOCKER / "requirements-serve.txt").read_text()
+    for dist in ("grpcio", "grpcio-health-checking", "opentelemetry-sdk",
+                 "opentelemetry-exporter-otlp-proto-http"):  # fmt: skip
+        assert re.search(rf"^{dist}==", lock, re.M), dist
+    assert re.search(r"^protobuf==6\.", lock, re.M)  # tritonclient[grpc]'s range, as the extra
+
+    env = {**ENV, "OTEL_TRACES_EXPORTER": ""}
+    segserve = compose("docker-compose.yml", env=env)["services"]["segserve"]
+    assert any(p.endswith(":8001:8001") for p in segserve["ports"])
+    assert segserve["environment"]["OTEL_TRACES_EXPORTER"] == "none"
+    assert segserve["environment"]["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    traced = compose("docker-compose.yml", env={**ENV, "OTEL_TRACES_EXPORTER": "otlp"})
+    endpoint = traced["services"]["segserve"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert endpoint == "http://jaeger:4318" and "jaeger" in traced["services"]
+
+    m = manifests()
+    container = m["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == int(env_of(container)["SEGSERVE_GRPC_PORT"]) == 8001
+    assert env_of(container)["OTEL_TRACES_EXPORTER"] == "none"
+    (grpc,) = [p for p in m["service.yaml"]["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc["targetPort"] == "grpc" and grpc["appProtocol"] == "kubernetes.io/h2c"
+    predictor = m["inferenceservice.yaml"]["spec"]["predictor"]["containers"][0]
+    first, *others = predictor["ports"]
+    assert first["containerPort"] == 8000  # KServe makes the first port the Service's 80
+    assert [p["containerPort"] for p in others] == [int(env_of(predictor)["SEGSERVE_GRPC_PORT"])]
 
 
 # -- Kubernetes --------------------------------------------------------------------------

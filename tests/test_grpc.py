@@ -127,3 +127,17 @@ def test_the_committed_stubs_are_what_grpcio_tools_makes_of_the_proto(tmp_path):
     for generated in grpc_stubs.generate(tmp_path):
         committed = ROOT / "service" / "protocols" / generated.name
         assert filecmp.cmp(generated, committed, shallow=False), f"regenerate {committed.name}"
+
+
+def test_grpc_is_off_unless_a_port_is_set_and_off_or_empty_turn_it_off(monkeypatch):
+    from segserve.service.settings import Settings
+
+    assert Settings().grpc_port is None
+    monkeypatch.setenv("SEGSERVE_GRPC_PORT", "8001")  # what the images set
+    assert Settings().grpc_port == 8001
+    for off in ("off", "OFF", ""):
+        monkeypatch.setenv("SEGSERVE_GRPC_PORT", off)
+        assert Settings().grpc_port is None
+    monkeypatch.setenv("SEGSERVE_GRPC_PORT", "80O1")
+    with pytest.raises(ValueError, match="grpc_port"):
+        Settings()

@@ -1,5 +1,6 @@
 """The images, built and run: the CPU image serves read-only, non-root, without
-capabilities, drains on SIGTERM and runs the shipped monitoring without an alert; the GPU
+capabilities, answers gRPC and exports traces when OTEL_* ask, drains on SIGTERM and runs
+the shipped monitoring without an alert; the GPU
 image's CUDA library chain resolves but for the driver, and it refuses to start on CUDA
 without one. Run by `make test-images`; figures go to .bench/images-report.json."""
 
@@ -10,14 +11,21 @@ import shutil
 import subprocess
 import threading
 import time
+from http.server import HTTPServer
 from pathlib import Path
 
+import grpc
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 import yaml
 from dockerd import CACHE, build
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_tracing import CLIENT_SPAN, Receiver, spans_of
 
-from helpers import free_port, image_bytes
+from helpers import free_port, image_bytes, wait_for
 
 pytestmark = pytest.mark.images
 REPORT = CACHE / "images-report.json"
@@ -55,7 +63,21 @@ def gpu_image(docker, base_image) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cpu_container(docker, cpu_image, models):
+def receiver():
+    """An OTLP/HTTP receiver on the host's loopback (the containers share its network)."""
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def cpu_container(docker, cpu_image, models, receiver, grpc_port):
     port = free_port()
     name = f"segserve-cpu-{port}"
     docker(
@@ -76,6 +98,16 @@ def cpu_container(docker, cpu_image, models):
         "SEGSERVE_METRICS_TOKEN=scrape",
         "-e",
         "SEGSERVE_API_KEY=key",
+        "-e",
+        f"SEGSERVE_GRPC_PORT={grpc_port}",  # the image's 8001 may be taken on this host
+        "-e",
+        "OTEL_TRACES_EXPORTER=otlp",
+        "-e",
+        "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf",
+        "-e",
+        f"OTEL_EXPORTER_OTLP_ENDPOINT={receiver}",
+        "-e",
+        "OTEL_BSP_SCHEDULE_DELAY=100",
         cpu_image["tag"],
         "--port",
         str(port),
@@ -112,6 +144,40 @@ def test_the_cpu_image_serves_read_only_as_a_non_root_user_without_capabilities(
     health = docker("inspect", "-f", "{{.State.Health.Status}}", name, check=False).stdout.strip()
     assert health in ("starting", "healthy")  # the image's HEALTHCHECK on /healthz
     assert docker("exec", name, "python3", "-c", "import torch", check=False).returncode != 0
+
+
+def test_the_cpu_image_answers_grpc_and_exports_the_request_s_trace(cpu_container, grpc_port):
+    """The image carries the grpc and tracing extras: tritonclient.grpc gets the labels HTTP
+    v2 gives, grpc.health.v1 says SERVING, and the request's spans reach the receiver under
+    the client's trace id."""
+    _, url = cpu_container
+    pixels = np.random.default_rng(3).integers(0, 256, (1, 72, 96, 3), dtype=np.uint8)
+    auth = {"authorization": "Bearer key"}
+    grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    model = httpx.get(url + "/models", headers=auth).json()["default"]
+    tensor = grpcclient.InferInput("image", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    trace = "5e1f0c2a9b8d4e7fa3c6b0d2e4f6a8c1"
+    answer = grpc_client.infer(
+        model, [tensor], headers={**auth, "traceparent": f"00-{trace}-{CLIENT_SPAN}-01"}
+    )
+    http_client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    tensor = httpclient.InferInput("image", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels, binary_data=True)
+    expected = http_client.infer(model, [tensor], headers=auth).as_numpy("labels")
+    assert np.array_equal(answer.as_numpy("labels"), expected)
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    def batch_linked() -> bool:
+        batches = [s for s in Receiver.spans if s.name == "batch"]
+        return any(link.trace_id.hex() == trace for s in batches for link in s.links)
+
+    wait_for(batch_linked, 30, "the batch span linking the request")
+    names = {s.name for s in spans_of(trace)}
+    assert {"/inference.GRPCInferenceService/ModelInfer", "queue", "inference"} <= names
+    report(cpu_grpc_trace={"spans": sorted(names)})
 
 
 def test_the_shipped_monitoring_has_no_firing_alert_against_a_cpu_stack(cpu_container, tmp_path):
