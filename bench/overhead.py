@@ -2,11 +2,13 @@
 I/O contract (a channel argmax of the input), served by segserve, measured against that
 model's bare `session.run`, in one run.
 
-    python -m bench.overhead --duration 10 [--baseline-tree /tmp/segserve-old] [--out docs/bench]
+    python -m bench.overhead --duration 10 [--baseline-tree /tmp/segserve-old [--rounds 4]]
+                             [--out docs/bench]
 
 `--baseline-tree` serves the same measurement from another checkout of segserve (for
-before/after: `git worktree add /tmp/segserve-old <commit>`); trees from before the uint8
-contract get the float-input variant of the null model.
+before/after: `git worktree add /tmp/segserve-old <commit>`), its own code even beside this
+checkout's editable install; trees from before the uint8 contract get the float-input variant
+of the null model. Extra server environment for both (e.g. OTEL_*) passes through.
 
 Per server and concurrency: throughput, p50/p99, and server CPU per request (the server
 process's user+system CPU time from /proc, onnxruntime's threads included, over requests).
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import tomllib
 from onnx import TensorProto, helper
 
 from segserve import loadgen
@@ -117,11 +120,41 @@ def without_fast_http(folder: Path) -> Path:
     return folder
 
 
+def importable(tree: Path, folder: Path) -> Path:
+    """A folder that, first on PYTHONPATH, imports `segserve.*` from `tree`, laid out as its
+    pyproject's package-dir maps it (segserve.service from tree/service, ...): otherwise the
+    editable install of this checkout answers for every subpackage the tree's `segserve/`
+    folder lacks, and a baseline would run today's service code."""
+    mapping = (
+        tomllib.loads((tree / "pyproject.toml").read_text())
+        .get("tool", {})
+        .get("setuptools", {})
+        .get("package-dir", {})
+    )
+    if "segserve" not in mapping:  # a flat tree: itself on the path is enough
+        return tree
+    package = folder / "segserve"
+    package.mkdir(parents=True)
+    for entry in (tree / mapping["segserve"]).iterdir():
+        (package / entry.name).symlink_to(entry)
+    for name, source in mapping.items():
+        if name.startswith("segserve."):
+            (package / name.removeprefix("segserve.")).symlink_to(tree / source)
+    return folder
+
+
+def takes_uint8(tree: Path) -> bool:
+    """Whether the tree's model card knows the uint8 input contract."""
+    return any("input_dtype" in card.read_text() for card in tree.rglob("contracts/card.py"))
+
+
 def measure(
     tree: Path, repository: Path, levels: list[int], duration: float, images, plain_http: bool
 ) -> list[dict]:
     port = 20000 + os.getpid() % 1000
-    path = [str(tree)]
+    # Every tree, this one too, imported the same way: the launch itself differs in nothing.
+    site = importable(tree, repository.with_name(repository.name + "-site"))
+    path = [str(site)]
     if plain_http:
         path.insert(0, str(without_fast_http(repository.parent / "plain-http")))
     env = {
@@ -131,10 +164,10 @@ def measure(
     }
     log = Path(tempfile.mkdtemp()) / "server.log"
     cmd = [sys.executable, "-m", "segserve.cli", "serve", "--port", str(port)]
-    # The tree's own code (PYTHONPATH), its own working directory: a baseline checkout runs
-    # as it was.
+    # The tree's own code (PYTHONPATH, and the working directory `-m` puts first): a baseline
+    # checkout runs as it was.
     proc = subprocess.Popen(
-        cmd, cwd=tree, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT
+        cmd, cwd=site, env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     rows = []
@@ -174,6 +207,13 @@ def main() -> None:
         action="store_true",
         help="let the baseline use httptools/uvloop too (default: hidden, as before they were installed)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with a baseline: measure the pair this many times in alternating order (A B, "
+        "B A, ...), so that the host's drift and the order's own effect cancel in the median",
+    )
     p.add_argument("--out", type=Path, default=None, help="write overhead.json here")
     args = p.parse_args()
     images = loadgen.synthetic_images([(512, 512)], per_size=8)
@@ -182,31 +222,51 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "image": "512x512 JPEG -> label PNG",
     }
+    trees = [("segserve", ROOT, True)]
+    if args.baseline_tree:
+        trees.append(("baseline", args.baseline_tree, takes_uint8(args.baseline_tree)))
+    rounds = args.rounds if args.baseline_tree else 1
     with tempfile.TemporaryDirectory() as tmp:
-        trees = [("segserve", ROOT, True)]
-        if args.baseline_tree:
-            trees.append(("baseline", args.baseline_tree, False))
-        for label, tree, uint8 in trees:
-            repo = Path(tmp) / label
-            model = null_model(repo, uint8)
-            bare = bare_ms(model, images[0].data, uint8)
-            print(f"{label}: bare session.run p50 {bare:.3f} ms", flush=True)
-            plain = label == "baseline" and not args.baseline_fast_http
-            rows = measure(tree, repo, args.concurrency, args.duration, images, plain)
-            report[label] = {"bare_session_run_ms": bare, "levels": rows}
+        for r in range(rounds):
+            for label, tree, uint8 in trees if r % 2 == 0 else trees[::-1]:
+                repo = Path(tmp) / f"{label}-{r}"
+                model = null_model(repo, uint8)
+                bare = bare_ms(model, images[0].data, uint8)
+                print(f"round {r + 1} {label}: bare session.run p50 {bare:.3f} ms", flush=True)
+                plain = label == "baseline" and not args.baseline_fast_http
+                rows = measure(tree, repo, args.concurrency, args.duration, images, plain)
+                report.setdefault(label, []).append({"bare_session_run_ms": bare, "levels": rows})
     if "baseline" in report:
-        for new, old in zip(
-            report["segserve"]["levels"], report["baseline"]["levels"], strict=True
-        ):
+        report["ratios"] = ratios(report["segserve"], report["baseline"])
+        for row in report["ratios"]:
             print(
-                f"c={new['concurrency']}: throughput ratio "
-                f"{new['throughput_rps'] / old['throughput_rps']:.2f}x, p50 {new['p50_ms']:.1f} vs "
-                f"{old['p50_ms']:.1f} ms, CPU/request {new['server_cpu_ms_per_request']:.2f} vs "
-                f"{old['server_cpu_ms_per_request']:.2f} ms"
+                f"c={row['concurrency']}: segserve/baseline over {rounds} round(s), median "
+                f"(each): throughput {row['throughput']['median']:.2f}x "
+                f"({', '.join(f'{x:.2f}' for x in row['throughput']['rounds'])}), CPU/request "
+                f"{row['cpu_per_request']['median']:.2f}x "
+                f"({', '.join(f'{x:.2f}' for x in row['cpu_per_request']['rounds'])})"
             )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "overhead.json").write_text(json.dumps(report, indent=2))
+
+
+def ratios(new: list[dict], old: list[dict]) -> list[dict]:
+    """Per concurrency: segserve / baseline throughput and server CPU per request, each round
+    and their median."""
+    out = []
+    for i, level in enumerate(new[0]["levels"]):
+        pairs = [(n["levels"][i], o["levels"][i]) for n, o in zip(new, old, strict=True)]
+        tput = [a["throughput_rps"] / b["throughput_rps"] for a, b in pairs]
+        cpu = [a["server_cpu_ms_per_request"] / b["server_cpu_ms_per_request"] for a, b in pairs]
+        out.append(
+            {
+                "concurrency": level["concurrency"],
+                "throughput": {"rounds": tput, "median": float(np.median(tput))},
+                "cpu_per_request": {"rounds": cpu, "median": float(np.median(cpu))},
+            }
+        )
+    return out
 
 
 if __name__ == "__main__":
