@@ -46,8 +46,9 @@ test: setup tools
 	$(PY) -m pytest -q
 
 # The slow real checks kept out of `make test`: FCN-8s (134 M parameters) exported with its
-# parity gate, the networks on the paper's 500x375 inputs, and DDP launched by torchrun itself
-# (make test starts the two workers with torchrun's environment). About two minutes.
+# parity gate, the FCNs' forward checks, the networks on the paper's 500x375 inputs, large
+# images in tiles, and DDP launched by torchrun itself (make test starts the two workers with
+# torchrun's environment). About four minutes on two AVX2 cores.
 test-slow: setup
 	$(PY) -m pytest -q -m slow -p no:cacheprovider
 

@@ -36,6 +36,36 @@ def png_bomb(tmp_path_factory) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="session")
+def grpc_traced_server(tmp_path_factory):
+    """`segserve serve` with the default model, an API key, gRPC on a port of its own, a
+    2 MB body limit, and tracing on (the standard OTEL_* variables) to an OTLP receiver in
+    this process: one server for the gRPC tests and the tracing tests. Its `grpc` is the
+    gRPC address, `key` the API key."""
+    from helpers import free_port, otlp_receiver, run_server
+    from segserve.default_model import install
+
+    repo = tmp_path_factory.mktemp("grpc-traced") / "repo"
+    install(repo)
+    grpc_port = free_port()
+    with otlp_receiver() as endpoint, pytest.MonkeyPatch.context() as patch:
+        for key, value in {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_SERVICE_NAME": "segserve-test",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }.items():
+            patch.setenv(key, value)
+        with run_server(
+            repo, tmp_path_factory.mktemp("grpc-traced-logs"), api_key="grpc-key",
+            grpc_port=grpc_port, max_body_bytes=2_000_000,
+        ) as server:  # fmt: skip
+            server.grpc = f"127.0.0.1:{grpc_port}"
+            server.key = "grpc-key"
+            yield server
+
+
 CONVERSIONS = pytest.StashKey[tuple[Path, "subprocess.Popen | None"]]()
 
 

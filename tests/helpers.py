@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
@@ -142,9 +143,12 @@ class Server:
 
 
 @contextmanager
-def run_server(repository: Path, tmp_path: Path, wait_ready: bool = True, **settings):
-    """`segserve serve` as its own process on a free loopback port, settings as env vars."""
-    port = free_port()
+def run_server(
+    repository: Path, tmp_path: Path, wait_ready: bool = True, port: int | None = None, **settings
+):
+    """`segserve serve` as its own process on a loopback port (a free one unless given),
+    settings as env vars."""
+    port = port or free_port()
     # float32 unless a test asks: timing an int8 variant at every start is seconds the
     # suite spends again and again (test_variants and the browser test ask for auto).
     env = {
@@ -183,6 +187,65 @@ def run_server(repository: Path, tmp_path: Path, wait_ready: bool = True, **sett
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def start_prometheus(binary: str, config: Path, data: Path, port: int, log: Path):
+    """A real Prometheus on loopback with this config and TSDB folder, logging to `log`."""
+    return subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+class OtlpReceiver(BaseHTTPRequestHandler):
+    """An OTLP/HTTP trace receiver (no collector runs here): decodes each export with
+    opentelemetry-proto and keeps every span it got in `spans`."""
+
+    spans: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        import gzip
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        for resource in request.resource_spans:
+            for scope in resource.scope_spans:
+                OtlpReceiver.spans.extend(scope.spans)
+        answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def otlp_receiver():
+    """The receiver on a loopback port; yields its endpoint URL."""
+    server = HTTPServer(("127.0.0.1", 0), OtlpReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def spans_of(trace: str) -> list:
+    """The spans the receiver got of one trace (hex id)."""
+    return [s for s in OtlpReceiver.spans if s.trace_id.hex() == trace]
 
 
 class InProcess:

@@ -135,10 +135,11 @@ def test_a_large_image_of_fresh_samples_scores_in_tiles_as_its_samples_do_one_by
 
 
 def test_tiled_labels_equal_whole_image_labels_with_the_card_s_halo(repository):
-    """A 1.4 MP image that also runs whole: tiles of 640 px with the halo the card states
-    (80 px, measured for U-Net) give the whole image's labels on >= 99.9 % of pixels."""
+    """A 0.86 MP image that also runs whole: tiles of 640 px with the halo the card states
+    (80 px, measured for U-Net) give the whole image's labels on >= 99.9 % of pixels. Four
+    tiles: every tile has two inner edges (the 4 MP mosaic in the slow test has more)."""
     config = SynthConfig(count=10**6, seed=FRESH_SEED + 2, **DEFAULT_MODEL_SET)
-    rgb, _, _ = render_mosaic(config, (1100, 1300))
+    rgb, _, _ = render_mosaic(config, (900, 950))
     with in_process(repository) as app:
         model = app.service.registry.get(NAME)
         plan = app.service.scale_plan(model)
@@ -148,5 +149,5 @@ def test_tiled_labels_equal_whole_image_labels_with_the_card_s_halo(repository):
         for tile in grid.tiles:
             keep_centre(labels, model.engine.segment([tile_pixels(rgb, tile)])[0], tile)
     assert isinstance(plan, ScalePlan) and (plan.tile, plan.halo) == (640, 80)
-    assert grid.count == 6
+    assert grid.count == 4
     assert (labels == whole).mean() >= 0.999

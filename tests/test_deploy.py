@@ -22,7 +22,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import ROOT, free_port, image_bytes, require_tool, run_server, wait_for
+from helpers import (
+    ROOT,
+    free_port,
+    image_bytes,
+    require_tool,
+    run_server,
+    start_prometheus,
+    wait_for,
+)
 from segserve.default_model import install
 
 DOCKER = ROOT / "docker"
@@ -485,7 +493,7 @@ def stack(tiny_repository, tmp_path_factory):
     for route in [am_config["route"], *am_config["route"]["routes"]]:  # seconds, not minutes
         route.update(group_wait="1s", group_interval="1s")
     (tmp / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
-    am_port, prom_port = free_port(), free_port()
+    am_port, prom_port, segserve_port = free_port(), free_port(), free_port()
     procs = []
     # tiny (the default: first by name) for the panels; the shipped model with the check set
     # `segserve init` writes, for drift (its alert judged on 20 answers here, not 200).
@@ -493,53 +501,47 @@ def stack(tiny_repository, tmp_path_factory):
     install(tmp / "shipped")
     shutil.copytree(tmp / "shipped", repository)
     shutil.copytree(tiny_repository / "tiny", repository / "tiny")
+    # Alertmanager and Prometheus first, segserve while they boot: Prometheus scrapes a target
+    # that is not up yet as down, as it would in production.
+    procs.append(
+        subprocess.Popen(
+            [
+                alertmanager,
+                f"--config.file={tmp / 'alertmanager.yml'}",
+                f"--storage.path={tmp / 'am'}",
+                f"--web.listen-address=127.0.0.1:{am_port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=(tmp / "am.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+    )
+    config = local_prometheus_config(
+        tmp,
+        f"127.0.0.1:{segserve_port}",
+        f"127.0.0.1:{am_port}",
+        prom_port,
+        "scrape",
+        immediate=(  # seconds, not minutes: the shipped waits are asserted
+            "SegserveTargetDown",
+            "SegserveClassMixDrift",
+        ),
+    )
+    procs.append(
+        start_prometheus(prometheus, config, tmp / "data", prom_port, tmp / "prometheus.log")
+    )
     server_cm = run_server(
         repository,
         tmp,
+        port=segserve_port,
         api_key="key",
         metrics_token="scrape",
         max_batch_size=4,
         variant="float32",
         drift_window=20,
     )
-    server = server_cm.__enter__()
     try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    alertmanager,
-                    f"--config.file={tmp / 'alertmanager.yml'}",
-                    f"--storage.path={tmp / 'am'}",
-                    f"--web.listen-address=127.0.0.1:{am_port}",
-                    "--cluster.listen-address=",
-                ],
-                stdout=(tmp / "am.log").open("w"),
-                stderr=subprocess.STDOUT,
-            )
-        )
-        config = local_prometheus_config(
-            tmp,
-            server.url.removeprefix("http://"),
-            f"127.0.0.1:{am_port}",
-            prom_port,
-            "scrape",
-            immediate=(  # seconds, not minutes: the shipped waits are asserted
-                "SegserveTargetDown",
-                "SegserveClassMixDrift",
-            ),
-        )
-        procs.append(
-            subprocess.Popen(
-                [
-                    prometheus,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
-                ],
-                stdout=(tmp / "prometheus.log").open("w"),
-                stderr=subprocess.STDOUT,
-            )
-        )
+        server = server_cm.__enter__()
         api = f"http://127.0.0.1:{prom_port}/api/v1"
         wait_until(
             lambda: query(api, 'up{job="segserve"}')["result"][0]["value"][1] == "1",

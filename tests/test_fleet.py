@@ -40,6 +40,7 @@ from helpers import (
     free_port,
     image_bytes,
     require_tool,
+    start_prometheus,
     wait_for,
     without_its_commonest_class,
     write_check_set,
@@ -215,15 +216,8 @@ class Prometheus:
                 }
             )
         )
-        self.proc = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=(tmp / "prometheus.log").open("w"),
-            stderr=subprocess.STDOUT,
+        self.proc = start_prometheus(
+            PROMETHEUS, config, tmp / "tsdb", self.port, tmp / "prometheus.log"
         )
         self.api = f"http://127.0.0.1:{self.port}/api/v1"
 

@@ -14,8 +14,8 @@ import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from helpers import ROOT, free_port, image_bytes, run_server
-from segserve.default_model import NAME, install
+from helpers import ROOT, image_bytes
+from segserve.default_model import NAME
 from segserve.service.protocols import grpc_stubs
 
 KEY = "grpc-key"
@@ -23,17 +23,11 @@ KEY = "grpc-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("grpc") / "repo"
-    install(repo)
-    port = free_port()
-    with run_server(
-        repo, tmp_path_factory.mktemp("grpc-logs"), api_key=KEY, grpc_port=port,
-        max_body_bytes=2_000_000,
-    ) as s:  # fmt: skip
-        s.grpc = f"127.0.0.1:{port}"
-        yield s
+@pytest.fixture
+def server(grpc_traced_server):
+    """The session's gRPC server (conftest.py: also traced, which must change no answer)."""
+    assert grpc_traced_server.key == KEY
+    return grpc_traced_server
 
 
 def pixels(h: int, w: int, seed: int = 0) -> np.ndarray:

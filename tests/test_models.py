@@ -14,6 +14,10 @@ from segserve.models.vgg import (
 # A 1x1 image and a batch of two of odd sizes (an FCN pass costs about a second whatever
 # the input: its 100-px pad); the paper's 500x375 is in the slow test below.
 SIZES = [(1, 3, 1, 1), (2, 3, 37, 53)]
+# The checks that run 134 M-parameter FCNs forward (seconds each, 14 s together) are in
+# `make test-slow`; their structure (parameter counts, upsampling initialisation, staging
+# rules, VGG16 convolutionalised) is checked here.
+FCN_FORWARD = pytest.mark.slow
 
 
 def n_params(name, num_classes, **opts):
@@ -22,12 +26,17 @@ def n_params(name, num_classes, **opts):
         return sum(p.numel() for p in build_model(name, num_classes, **opts).parameters())
 
 
-@pytest.mark.parametrize("name", ["fcn32s", "fcn16s", "fcn8s", "unet"])
-def test_output_has_the_input_size_for_any_input(name, staged):
+@pytest.mark.parametrize(
+    "name", [*(pytest.param(n, marks=FCN_FORWARD) for n in ("fcn32s", "fcn16s", "fcn8s")), "unet"]
+)
+def test_output_has_the_input_size_for_any_input(name, request):
     # The FCNs are the module's staged ones (building a 134 M-parameter net costs seconds).
     torch.manual_seed(0)
-    fcns = dict(zip(("fcn32s", "fcn16s", "fcn8s"), staged, strict=True))
-    model = fcns[name] if name in fcns else build_model("unet", 3, width=8).eval()
+    if name == "unet":
+        model = build_model("unet", 3, width=8).eval()
+    else:
+        staged = request.getfixturevalue("staged")
+        model = dict(zip(("fcn32s", "fcn16s", "fcn8s"), staged, strict=True))[name]
     assert type(model) is (UNet if name == "unet" else FCN)
     with torch.inference_mode():
         for shape in SIZES:
@@ -95,6 +104,7 @@ def staged():
     return fcn32, fcn16, fcn_from_coarser(fcn16, 8).eval()
 
 
+@FCN_FORWARD
 def test_staged_fcn_adds_nothing_through_its_new_skips(staged):
     _, fcn16, fcn8 = staged
     x = torch.randn(1, 3, 96, 120)
@@ -110,6 +120,7 @@ def test_staged_fcn_adds_nothing_through_its_new_skips(staged):
         assert torch.allclose(fcn8(x), no_skip8, atol=1e-6)
 
 
+@FCN_FORWARD
 def test_fresh_fcn16s_computes_what_its_fcn32s_computes(staged):
     """The paper: new skips start at zero, so the net "starts with unaltered predictions".
 

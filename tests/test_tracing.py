@@ -4,78 +4,35 @@ with the standard OTEL_* variables, a client's traceparent over HTTP and over gR
 client's trace id survives into every span; stage spans nest under the request's; the batch
 span links each request it served. Off, the server makes no exporter and imports no SDK."""
 
-import gzip
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from helpers import ROOT, free_port, image_bytes, run_server, wait_for
-from segserve.default_model import NAME, install
+from helpers import ROOT, OtlpReceiver, image_bytes, spans_of, wait_for
+from segserve.default_model import NAME
 from segserve.service.telemetry.tracing import Tracing
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
 
-class Receiver(BaseHTTPRequestHandler):
-    spans: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-        for resource in request.resource_spans:
-            for scope in resource.scope_spans:
-                Receiver.spans.extend(scope.spans)
-        answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args):
-        pass
+@pytest.fixture
+def traced(grpc_traced_server):
+    """The session's traced server (conftest.py), which also serves the gRPC tests."""
+    return grpc_traced_server
 
 
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory):
-    receiver = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    repo = tmp_path_factory.mktemp("traced") / "repo"
-    install(repo)
-    grpc_port = free_port()
-    env = {
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.server_port}",
-        "OTEL_SERVICE_NAME": "segserve-test",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        with run_server(repo, tmp_path_factory.mktemp("traced-logs"), grpc_port=grpc_port) as s:
-            s.grpc = f"127.0.0.1:{grpc_port}"
-            yield s
-    receiver.shutdown()
-
-
-def spans_of(trace: str) -> list:
-    return [s for s in Receiver.spans if s.trace_id.hex() == trace]
+def auth(server) -> dict[str, str]:
+    return {"authorization": f"Bearer {server.key}"}
 
 
 def check_trace(trace: str, request_name: str, stages_needed: set[str]) -> None:
     wait_for(
-        lambda: any(s.name == "batch" for s in Receiver.spans if any(
+        lambda: any(s.name == "batch" for s in OtlpReceiver.spans if any(
             link.trace_id.hex() == trace for link in s.links)),
         20, "the batch span",
     )  # fmt: skip
@@ -91,7 +48,7 @@ def check_trace(trace: str, request_name: str, stages_needed: set[str]) -> None:
     assert attributes["segserve.model"].string_value == NAME
     assert attributes["segserve.tiles"].int_value == 1
     (batch,) = [
-        s for s in Receiver.spans
+        s for s in OtlpReceiver.spans
         if s.name == "batch" and any(link.span_id == request.span_id for link in s.links)
     ]  # fmt: skip
     (link,) = [link for link in batch.links if link.span_id == request.span_id]
@@ -104,7 +61,11 @@ def test_an_http_request_is_traced_under_the_client_s_traceparent(traced):
         r = c.post(
             "/segment",
             content=image_bytes(64, 80),
-            headers={"Content-Type": "image/png", "traceparent": f"00-{trace}-{CLIENT_SPAN}-01"},
+            headers={
+                "Content-Type": "image/png",
+                "traceparent": f"00-{trace}-{CLIENT_SPAN}-01",
+                **auth(traced),
+            },
         )
     assert r.status_code == 200 and r.headers["x-trace-id"] == trace
     check_trace(trace, "POST /segment", {"decode", "queue", "inference", "encode"})
@@ -116,7 +77,9 @@ def test_a_grpc_request_is_traced_under_the_client_s_traceparent(traced):
     client = grpcclient.InferenceServerClient(traced.grpc)
     image = grpcclient.InferInput("image", [1, 48, 64, 3], "UINT8")
     image.set_data_from_numpy(np.zeros((1, 48, 64, 3), np.uint8))
-    client.infer(NAME, [image], headers={"traceparent": f"00-{trace}-{CLIENT_SPAN}-01"})
+    client.infer(
+        NAME, [image], headers={"traceparent": f"00-{trace}-{CLIENT_SPAN}-01", **auth(traced)}
+    )
     # raw pixels: no decode
     check_trace(trace, "/inference.GRPCInferenceService/ModelInfer", {"queue", "inference"})
 
@@ -124,7 +87,10 @@ def test_a_grpc_request_is_traced_under_the_client_s_traceparent(traced):
 def test_health_checks_and_scrapes_are_not_traced(traced):
     with traced.client() as c:
         for path in ("/healthz", "/readyz", "/metrics"):
-            c.get(path, headers={"traceparent": f"00-{'1' * 32}-{CLIENT_SPAN}-01"})
+            r = c.get(
+                path, headers={"traceparent": f"00-{'1' * 32}-{CLIENT_SPAN}-01", **auth(traced)}
+            )
+            assert r.status_code == 200, path
     assert spans_of("1" * 32) == []
 
 

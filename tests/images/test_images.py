@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 import time
-from http.server import HTTPServer
 from pathlib import Path
 
 import grpc
@@ -23,9 +21,17 @@ import tritonclient.http as httpclient
 import yaml
 from dockerd import CACHE, build
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_tracing import CLIENT_SPAN, Receiver, spans_of
+from test_tracing import CLIENT_SPAN
 
-from helpers import free_port, image_bytes, wait_for
+from helpers import (
+    OtlpReceiver,
+    free_port,
+    image_bytes,
+    otlp_receiver,
+    spans_of,
+    start_prometheus,
+    wait_for,
+)
 
 pytestmark = pytest.mark.images
 REPORT = CACHE / "images-report.json"
@@ -65,10 +71,8 @@ def gpu_image(docker, base_image) -> dict:
 @pytest.fixture(scope="module")
 def receiver():
     """An OTLP/HTTP receiver on the host's loopback (the containers share its network)."""
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    with otlp_receiver() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +175,7 @@ def test_the_cpu_image_answers_grpc_and_exports_the_request_s_trace(cpu_containe
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
     def batch_linked() -> bool:
-        batches = [s for s in Receiver.spans if s.name == "batch"]
+        batches = [s for s in OtlpReceiver.spans if s.name == "batch"]
         return any(link.trace_id.hex() == trace for s in batches for link in s.links)
 
     wait_for(batch_linked, 30, "the batch span linking the request")
@@ -196,16 +200,7 @@ def test_the_shipped_monitoring_has_no_firing_alert_against_a_cpu_stack(cpu_cont
     settings = yaml.safe_load(config.read_text())
     settings["global"]["evaluation_interval"] = "5s"
     config.write_text(yaml.safe_dump(settings))
-    proc = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=(tmp_path / "p.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_prometheus(prometheus, config, tmp_path / "data", port, tmp_path / "p.log")
     stop = time.monotonic() + 125
 
     def traffic():
