@@ -14,10 +14,11 @@ from segserve.models.vgg import (
 # A 1x1 image and a batch of two of odd sizes (an FCN pass costs about a second whatever
 # the input: its 100-px pad); the paper's 500x375 is in the slow test below.
 SIZES = [(1, 3, 1, 1), (2, 3, 37, 53)]
-# The checks that run 134 M-parameter FCNs forward (seconds each, 14 s together) are in
-# `make test-slow`; their structure (parameter counts, upsampling initialisation, staging
-# rules, VGG16 convolutionalised) is checked here.
-FCN_FORWARD = pytest.mark.slow
+# The checks that build and run full-size FCNs and VGG16 (134-138 M parameters of real
+# tensors: seconds each, 20 s together) are in `make test-slow`; their structure (parameter
+# counts on the meta device, upsampling initialisation, staging rules, clear failures
+# without weights) is checked here.
+FULL_SIZE = pytest.mark.slow
 
 
 def n_params(name, num_classes, **opts):
@@ -27,7 +28,7 @@ def n_params(name, num_classes, **opts):
 
 
 @pytest.mark.parametrize(
-    "name", [*(pytest.param(n, marks=FCN_FORWARD) for n in ("fcn32s", "fcn16s", "fcn8s")), "unet"]
+    "name", [*(pytest.param(n, marks=FULL_SIZE) for n in ("fcn32s", "fcn16s", "fcn8s")), "unet"]
 )
 def test_output_has_the_input_size_for_any_input(name, request):
     # The FCNs are the module's staged ones (building a 134 M-parameter net costs seconds).
@@ -104,7 +105,7 @@ def staged():
     return fcn32, fcn16, fcn_from_coarser(fcn16, 8).eval()
 
 
-@FCN_FORWARD
+@FULL_SIZE
 def test_staged_fcn_adds_nothing_through_its_new_skips(staged):
     _, fcn16, fcn8 = staged
     x = torch.randn(1, 3, 96, 120)
@@ -120,7 +121,7 @@ def test_staged_fcn_adds_nothing_through_its_new_skips(staged):
         assert torch.allclose(fcn8(x), no_skip8, atol=1e-6)
 
 
-@FCN_FORWARD
+@FULL_SIZE
 def test_fresh_fcn16s_computes_what_its_fcn32s_computes(staged):
     """The paper: new skips start at zero, so the net "starts with unaltered predictions".
 
@@ -158,6 +159,7 @@ def vgg():
     return vgg16(weights=None).eval()
 
 
+@FULL_SIZE
 def test_vgg16_weights_are_convolutionalized(vgg):
     fcn = convolutionalize_vgg16(FCN(21, 8), vgg.state_dict())
     assert torch.equal(fcn.features.layers[0].weight, vgg.features[0].weight)
@@ -172,6 +174,7 @@ def test_vgg16_weights_are_convolutionalized(vgg):
     assert torch.allclose(conv_fc6.flatten(1), vgg_fc6, atol=1e-4)
 
 
+@FULL_SIZE
 def test_vgg16_from_a_local_state_dict_file(vgg, tmp_path):
     path = tmp_path / "vgg16.pth"
     torch.save(vgg.state_dict(), path)
