@@ -111,11 +111,15 @@ def main() -> None:
             tag = f"{r}-{traced}"
             runs.append(one_run(traced, receiver.server_port, args.duration, tmp, tag, args.model))
             print(json.dumps({"round": r + 1, **{k: runs[-1].get(k) for k in keys}}), flush=True)
-    cpu = {t: [x["server_cpu_ms_per_request"] for x in runs if x["traced"] is t] for t in (False, True)}
+    cpu = {
+        t: [x["server_cpu_ms_per_request"] for x in runs if x["traced"] is t] for t in (False, True)
+    }
     summary = {
         "off_ms_median": float(np.median(cpu[False])),
         "on_ms_median": float(np.median(cpu[True])),
-        "on_minus_off_ms_per_round": [on - off for on, off in zip(cpu[True], cpu[False], strict=True)],
+        "on_minus_off_ms_per_round": [
+            on - off for on, off in zip(cpu[True], cpu[False], strict=True)
+        ],
     }
     print(json.dumps(summary), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
