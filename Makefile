@@ -47,9 +47,9 @@ test: setup tools
 
 # The slow real checks kept out of `make test`: FCN-8s (134 M parameters) exported with its
 # parity gate, the FCNs' forward checks, the networks on the paper's 500x375 inputs, large
-# images in tiles, and DDP launched by torchrun itself (make test starts the two workers with
+# images in tiles (over HTTP and in the browser), and DDP launched by torchrun itself (make test starts the two workers with
 # torchrun's environment). About four minutes on two AVX2 cores.
-test-slow: setup
+test-slow: setup tools
 	$(PY) -m pytest -q -m slow -p no:cacheprovider
 
 # Both images built (against a base made offline by debootstrap) and run by a private dockerd:
@@ -74,7 +74,7 @@ test-fleet: setup tools
 screenshots: setup tools
 	$(VENV)/bin/segserve init --repository $(REPOSITORY)
 	SEGSERVE_SCREENSHOTS=docs/images SEGSERVE_BROWSER_REPOSITORY=$(REPOSITORY) \
-		$(PY) -m pytest -q tests/test_browser.py -p no:cacheprovider
+		$(PY) -m pytest -q tests/test_browser.py -m "not images and not fleet" -p no:cacheprovider
 
 lint: setup
 	$(VENV)/bin/ruff check .

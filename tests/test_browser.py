@@ -220,6 +220,7 @@ def test_swagger_ui_renders_offline_with_an_image_upload_for_segment(server, bro
     assert sources and all(s.startswith(server.url) for s in sources), sources
 
 
+@pytest.mark.slow  # 15 tiles of the shipped model: make test-slow, with the other large images
 def test_a_4_megapixel_upload_is_segmented_at_its_own_size_and_shown_scaled(
     server, browser, tmp_path
 ):
