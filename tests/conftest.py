@@ -11,6 +11,11 @@ import pytest
 
 # Two cores: keep torch from oversubscribing them when tests run next to a server.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tiles of 320 px (the least a halo of 80 allows) unless a test asks for the provider's own
+# (tile_size=None): a native model is warmed and timed at its tile when it loads, and at
+# 640 px that was half a second of every start of the tests' two-version repository, some
+# seventy starts a run. Servers the tests start inherit it.
+os.environ.setdefault("SEGSERVE_TILE_SIZE", "320")
 
 
 @pytest.fixture(scope="session")

@@ -157,7 +157,9 @@ def run_server(
         "SEGSERVE_INTRA_OP_THREADS": "2",
         "SEGSERVE_VARIANT": "float32",
     }
-    env.update({f"SEGSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    env.update({f"SEGSERVE_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
+    for name in [k for k, v in settings.items() if v is None]:  # None: the server's default
+        env.pop(f"SEGSERVE_{name.upper()}", None)
     log = tmp_path / f"server-{port}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(

@@ -78,7 +78,7 @@ def test_its_card_says_how_it_was_made_and_how_well_it_scores(repository):
 
 
 def test_served_over_http_it_segments_fresh_images_well_and_leaves_borders_alone(repository):
-    with in_process(repository) as app:
+    with in_process(repository, tile_size=None) as app:
         assert app.get(f"/models/{NAME}").json()["card"]["provenance"]["commit"]
 
         def segment(jpeg: bytes) -> np.ndarray:
@@ -108,7 +108,7 @@ def test_a_large_image_of_fresh_samples_scores_in_tiles_as_its_samples_do_one_by
     fit)."""
     config = SynthConfig(count=10**6, seed=FRESH_SEED + 1, **DEFAULT_MODEL_SET)
     rgb, truth, count = render_mosaic(config, (1728, 2304))
-    with in_process(repository) as app:
+    with in_process(repository, tile_size=None) as app:
         answers = {}
         for scale in ("native", "fit"):
             r = app.post(
@@ -140,7 +140,7 @@ def test_tiled_labels_equal_whole_image_labels_with_the_card_s_halo(repository):
     tiles: every tile has two inner edges (the 4 MP mosaic in the slow test has more)."""
     config = SynthConfig(count=10**6, seed=FRESH_SEED + 2, **DEFAULT_MODEL_SET)
     rgb, _, _ = render_mosaic(config, (900, 950))
-    with in_process(repository) as app:
+    with in_process(repository, tile_size=None) as app:
         model = app.service.registry.get(NAME)
         plan = app.service.scale_plan(model)
         whole = model.engine.segment([rgb])[0]

@@ -31,7 +31,7 @@ PNG = {"Content-Type": "image/png"}
 @pytest.fixture(scope="module")
 def app(tiny_repository):
     # Batches of up to 8, as on a GPU: on CPU the default is 4 (tested below).
-    with in_process(tiny_repository, max_batch_size=8) as a:
+    with in_process(tiny_repository, max_batch_size=8, tile_size=None) as a:
         yield a
 
 

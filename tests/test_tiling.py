@@ -163,7 +163,11 @@ def test_a_40_megapixel_image_is_answered_by_a_default_server_within_a_gibibyte(
     Image.fromarray(rgb).save(buffer, "JPEG", quality=JPEG_QUALITY)
     del rgb
     install(tmp_path / "repo")
-    defaults = {"warmup_shapes": "512x512,375x500", "intra_op_threads": os.cpu_count()}
+    defaults = {
+        "warmup_shapes": "512x512,375x500",
+        "intra_op_threads": os.cpu_count(),
+        "tile_size": None,
+    }
     with run_server(tmp_path / "repo", tmp_path, **defaults) as server, server.client() as c:
         r = c.post("/segment", content=buffer.getvalue(), headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 200, r.text
