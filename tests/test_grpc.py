@@ -85,6 +85,7 @@ def test_encoded_images_go_as_bytes_and_a_bad_one_is_invalid_argument(server):
         ("over the body limit", "RESOURCE_EXHAUSTED"),
         ("over the pixel limit", "RESOURCE_EXHAUSTED"),
         ("not RGB", "INVALID_ARGUMENT"),
+        ("images of two sizes", "INVALID_ARGUMENT"),
     ],
 )
 def test_each_bad_request_gets_its_status_code(server, case, status):
@@ -101,6 +102,11 @@ def test_each_bad_request_gets_its_status_code(server, case, status):
         elif case == "over the pixel limit":  # a shape saying 50 MP, no data behind it
             image = grpcclient.InferInput("image", [1, 5000, 10000, 3], "UINT8")
             image._raw_content = b"\0" * 10
+            client.infer(NAME, [image], headers=dict(AUTH))
+        elif case == "images of two sizes":  # one [N, H, W] answer cannot hold them
+            blobs = [image_bytes(16, 24, "PNG"), image_bytes(24, 16, "PNG")]
+            image = grpcclient.InferInput("image", [2], "BYTES")
+            image.set_data_from_numpy(np.array(blobs, dtype=np.object_))
             client.infer(NAME, [image], headers=dict(AUTH))
         else:
             image = grpcclient.InferInput("image", [1, 8, 8, 4], "UINT8")

@@ -15,6 +15,7 @@ from segserve.service.protocols.open_inference import (
     infer_response,
     parse_infer,
     parse_request,
+    require_one_size,
     server_metadata,
 )
 
@@ -177,3 +178,11 @@ def test_answers_are_binary_tensors_or_json_as_the_request_asks():
 
 def test_server_metadata_names_the_package_version():
     assert server_metadata()["version"] == __version__
+
+
+def test_decoded_images_of_two_sizes_cannot_make_one_answer():
+    require_one_size([(16, 24), (16, 24)])
+    with pytest.raises(ServiceError) as refused:
+        require_one_size([(16, 24), (24, 16)])
+    assert refused.value.status == 400 and refused.value.reason == "bad_request"
+    assert "[N, H, W]" in refused.value.detail

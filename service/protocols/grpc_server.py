@@ -161,8 +161,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async with service.lease() as lease:
             if isinstance(tensor, list):
                 images = await service.decode(tensor, model, timings, lease, plan)
-                if len({im.size for im in images}) > 1:
-                    raise ServiceError(400, "the images of one request must share one size")
+                open_inference.require_one_size([im.size for im in images])
             else:
                 images = await service.from_pixels(tensor, model, timings, lease, plan)
             labels = await service.segment(model, images, timings)

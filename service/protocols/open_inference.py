@@ -60,6 +60,12 @@ def bad(detail: str) -> ServiceError:
     return ServiceError(400, detail, reason="bad_request")
 
 
+def require_one_size(sizes: list[tuple[int, int]]) -> None:
+    """The answer is one [N, H, W] tensor: the decoded images of a request share one size."""
+    if len(set(sizes)) > 1:
+        raise bad("the images of one request must share one size (output is [N, H, W])")
+
+
 def server_metadata() -> dict:
     return {"name": "segserve", "version": __version__, "extensions": ["binary_tensor_data"]}
 

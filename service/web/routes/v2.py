@@ -10,7 +10,6 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from segserve.service.errors import ServiceError
 from segserve.service.protocols import open_inference
 from segserve.service.telemetry.clock import Timings
 from segserve.service.web.body import read_capped, wait_for_disconnect
@@ -80,12 +79,7 @@ async def infer(
             images = await service.from_pixels(tensor, model, timings, lease, plan)
         else:
             images = await service.decode(tensor, model, timings, lease, plan)
-            if len({im.size for im in images}) > 1:
-                raise ServiceError(
-                    400,
-                    "the images of one request must share one size (output is [N, H, W])",
-                    reason="bad_request",
-                )
+            open_inference.require_one_size([im.size for im in images])
         labels = await service.segment(
             model, images, timings, partial(wait_for_disconnect, request)
         )
