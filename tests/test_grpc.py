@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from helpers import ROOT, image_bytes
+from helpers import ROOT, image_bytes, metric_samples
 from segserve.default_model import NAME
 from segserve.service.protocols import grpc_stubs
 
@@ -113,6 +113,21 @@ def test_each_bad_request_gets_its_status_code(server, case, status):
             image.set_data_from_numpy(np.zeros((1, 8, 8, 4), np.uint8))
             client.infer(NAME, [image], headers=dict(AUTH))
     assert refused.value.status() == f"StatusCode.{status}", refused.value.message()
+
+
+def test_grpc_refusals_are_counted_under_the_reasons_http_uses(server):
+    client = grpcclient.InferenceServerClient(server.grpc)
+    image = grpcclient.InferInput("image", [1, 8, 8, 3], "UINT8")
+    image.set_data_from_numpy(pixels(8, 8))
+    with pytest.raises(InferenceServerException):
+        client.infer(NAME, [image])  # no key
+    with pytest.raises(InferenceServerException):
+        client.infer(NAME, [image], model_version="one", headers=dict(AUTH))
+    with server.client(headers=dict(AUTH)) as c:
+        samples = metric_samples(c.get("/metrics").text)["segserve_rejected_total"]
+    reasons = {s.labels["reason"]: s.value for s in samples}
+    assert reasons.get("unauthorized", 0) >= 1 and reasons.get("bad_request", 0) >= 1
+    assert not any(r.isdigit() for r in reasons), reasons  # a bare status: no reason given
 
 
 def test_grpc_health_v1_says_serving(server):

@@ -85,11 +85,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         sent = dict(context.invocation_metadata() or ()).get("authorization", "")
         if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
-            raise ServiceError(401, "missing or wrong API key (authorization: Bearer KEY)")
+            raise ServiceError(
+                401, "missing or wrong API key (authorization: Bearer KEY)", reason="unauthorized"
+            )
 
     def _model(self, name: str, version: str):
         if version and not (version.isascii() and version.isdigit()):
-            raise ServiceError(400, f"model version must be a number, not {version!r}")
+            raise open_inference.bad(f"model version must be a number, not {version!r}")
         return self.service.registry.get(name or None, int(version) if version else None)
 
     @answering
