@@ -31,10 +31,13 @@ def auth(server) -> dict[str, str]:
 
 
 def check_trace(trace: str, request_name: str, stages_needed: set[str]) -> None:
+    # The request's span ends after its answer has gone out, so it can reach the receiver in
+    # a later export than the batch span: wait for both.
     wait_for(
         lambda: any(s.name == "batch" for s in OtlpReceiver.spans if any(
-            link.trace_id.hex() == trace for link in s.links)),
-        20, "the batch span",
+            link.trace_id.hex() == trace for link in s.links))
+        and any(s.name == request_name for s in spans_of(trace)),
+        20, "the batch span and the request's span",
     )  # fmt: skip
     spans = spans_of(trace)
     (request,) = [s for s in spans if s.name == request_name]
