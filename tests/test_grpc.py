@@ -130,6 +130,25 @@ def test_grpc_refusals_are_counted_under_the_reasons_http_uses(server):
     assert not any(r.isdigit() for r in reasons), reasons  # a bare status: no reason given
 
 
+@pytest.mark.parametrize(
+    "authorization, accepted",
+    [
+        (f"bearer {KEY}", True),  # the scheme's case is free, as over HTTP
+        (f"Bearer {KEY}x", False),
+        (f"Basic {KEY}", False),
+        (KEY, False),
+    ],
+)
+def test_the_key_is_checked_as_http_checks_it(server, authorization, accepted):
+    client = grpcclient.InferenceServerClient(server.grpc)
+    if accepted:
+        assert client.is_model_ready(NAME, headers={"authorization": authorization})
+        return
+    with pytest.raises(InferenceServerException) as refused:
+        client.is_model_ready(NAME, headers={"authorization": authorization})
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+
+
 def test_grpc_health_v1_says_serving(server):
     with grpc.insecure_channel(server.grpc) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from segserve.service.auth import bearer_token, token_matches
 from segserve.service.errors import ServiceError
 from segserve.service.pipeline import InferenceService
 from segserve.service.protocols import grpc_predict_v2_pb2 as pb
@@ -83,8 +83,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         key = self.service.settings.api_key
         if not key:
             return
-        sent = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+        sent = dict(context.invocation_metadata() or ()).get("authorization")
+        if not token_matches(bearer_token(sent), key):
             raise ServiceError(
                 401, "missing or wrong API key (authorization: Bearer KEY)", reason="unauthorized"
             )

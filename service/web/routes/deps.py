@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from segserve.service.auth import bearer_token, token_matches
 from segserve.service.errors import ServiceError
 from segserve.service.pipeline import InferenceService
 from segserve.service.runtime.registry import ServedModel
@@ -42,17 +42,14 @@ Bearer = HTTPAuthorizationCredentials | None
 
 def bearer_matches(credentials: Bearer, *keys: str | None) -> bool:
     """`Authorization: Bearer T` with T one of `keys` (compared in constant time)."""
-    return credentials is not None and any(
-        k is not None and hmac.compare_digest(credentials.credentials.encode(), k.encode())
-        for k in keys
-    )
+    return token_matches(credentials.credentials if credentials else None, *keys)
 
 
 def bearer_of(request: Request) -> Bearer:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return None
-    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+    token = bearer_token(request.headers.get("authorization"))
+    return (
+        None if token is None else HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
+    )
 
 
 def unauthorized(what: str) -> ServiceError:
