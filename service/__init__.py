@@ -6,7 +6,8 @@
     runtime/, media/, batching/,         engines and the served versions; pixels in and out;
     settings                             continuous batching (generic: imports nothing here);
                                          the one settings class
-    errors, telemetry/                   the one error, the request clock, metrics, logs
+    errors, auth, telemetry/             the one error, the API key check, the request clock,
+                                         metrics, logs, traces
 
 No torch anywhere below: the GPU image carries none.
 """

@@ -30,6 +30,7 @@ RANKS = {
     "batching": 3,
     "settings": 3,
     "errors": 4,
+    "auth": 4,
     "telemetry": 4,
 }
 
