@@ -94,6 +94,20 @@ def test_health_checks_and_scrapes_are_not_traced(traced):
                 path, headers={"traceparent": f"00-{'1' * 32}-{CLIENT_SPAN}-01", **auth(traced)}
             )
             assert r.status_code == 200, path
+        # then a traced request: spans go out in the order they end, so once its span is in,
+        # a probe's would have been too
+        after = "2" * 32
+        r = c.post(
+            "/segment",
+            content=image_bytes(16, 16),
+            headers={
+                "Content-Type": "image/png",
+                "traceparent": f"00-{after}-{CLIENT_SPAN}-01",
+                **auth(traced),
+            },
+        )
+        assert r.status_code == 200
+    wait_for(lambda: any(s.name == "POST /segment" for s in spans_of(after)), 20, "a later span")
     assert spans_of("1" * 32) == []
 
 
