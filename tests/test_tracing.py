@@ -30,6 +30,19 @@ def auth(server) -> dict[str, str]:
     return {"authorization": f"Bearer {server.key}"}
 
 
+def post_traced(client, server, trace: str, image: bytes):
+    """POST /segment with a PNG under the client span `CLIENT_SPAN` of `trace`."""
+    return client.post(
+        "/segment",
+        content=image,
+        headers={
+            "Content-Type": "image/png",
+            "traceparent": f"00-{trace}-{CLIENT_SPAN}-01",
+            **auth(server),
+        },
+    )
+
+
 def check_trace(trace: str, request_name: str, stages_needed: set[str]) -> None:
     # The request's span ends after its answer has gone out, so it can reach the receiver in
     # a later export than the batch span: wait for both.
@@ -61,15 +74,7 @@ def check_trace(trace: str, request_name: str, stages_needed: set[str]) -> None:
 def test_an_http_request_is_traced_under_the_client_s_traceparent(traced):
     trace = TRACE
     with traced.client() as c:
-        r = c.post(
-            "/segment",
-            content=image_bytes(64, 80),
-            headers={
-                "Content-Type": "image/png",
-                "traceparent": f"00-{trace}-{CLIENT_SPAN}-01",
-                **auth(traced),
-            },
-        )
+        r = post_traced(c, traced, trace, image_bytes(64, 80))
     assert r.status_code == 200 and r.headers["x-trace-id"] == trace
     check_trace(trace, "POST /segment", {"decode", "queue", "inference", "encode"})
     assert trace in traced.log_text()  # the request's log line names its trace
@@ -97,16 +102,7 @@ def test_health_checks_and_scrapes_are_not_traced(traced):
         # then a traced request: spans go out in the order they end, so once its span is in,
         # a probe's would have been too
         after = "2" * 32
-        r = c.post(
-            "/segment",
-            content=image_bytes(16, 16),
-            headers={
-                "Content-Type": "image/png",
-                "traceparent": f"00-{after}-{CLIENT_SPAN}-01",
-                **auth(traced),
-            },
-        )
-        assert r.status_code == 200
+        assert post_traced(c, traced, after, image_bytes(16, 16)).status_code == 200
     wait_for(lambda: any(s.name == "POST /segment" for s in spans_of(after)), 20, "a later span")
     assert spans_of("1" * 32) == []
 
