@@ -81,7 +81,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         key = self.service.settings.api_key
-        if not key:
+        if key is None:  # as over HTTP: an empty key is a key no one can send, not "no key"
             return
         sent = dict(context.invocation_metadata() or ()).get("authorization")
         if not token_matches(bearer_token(sent), key):
