@@ -45,13 +45,6 @@ def bearer_matches(credentials: Bearer, *keys: str | None) -> bool:
     return token_matches(credentials.credentials if credentials else None, *keys)
 
 
-def bearer_of(request: Request) -> Bearer:
-    token = bearer_token(request.headers.get("authorization"))
-    return (
-        None if token is None else HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
-    )
-
-
 def unauthorized(what: str) -> ServiceError:
     return ServiceError(
         401,
@@ -84,7 +77,7 @@ async def authorize_docs(request: Request) -> None:
     if (
         s.api_key is not None
         and not s.public_docs
-        and not bearer_matches(bearer_of(request), s.api_key)
+        and not token_matches(bearer_token(request.headers.get("authorization")), s.api_key)
     ):
         raise unauthorized("API key (or set SEGSERVE_PUBLIC_DOCS=true)")
 
