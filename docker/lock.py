@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "docker" / "requirements-serve.txt"
 EXTRAS = "grpc,tracing"  # what the images serve with: gRPC on 8001, traces when OTEL_* ask
@@ -45,7 +47,7 @@ def resolve(requirements: list[str], pins: dict[str, str] | None = None) -> dict
         )  # fmt: skip
         installed = json.loads(report.read_text())["install"]
     return {
-        re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower(): item["metadata"]["version"]
+        canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
         for item in installed
     }
 

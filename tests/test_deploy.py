@@ -330,9 +330,7 @@ def test_the_lock_pins_every_serving_dependency_and_the_extras_the_images_carry(
     images need but the lock lacks would install unpinned (or, in the GPU image, not at all)."""
     import tomllib
     from packaging.requirements import Requirement
-
-    def norm(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
+    from packaging.utils import canonicalize_name as norm
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
