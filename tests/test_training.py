@@ -281,9 +281,10 @@ def test_eval_cli_prints_the_metrics_as_json(synth_root, tmp_path, capsys):
         "pixels",
     }
     assert scores["num_images"] == len(VOCSegmentation(synth_root, "val"))
-    assert scores["mean_iu"] == pytest.approx(
-        load_checkpoint(out / "best.pt")["metrics"]["mean_iu"]
-    )
+    # The same network scored by training and by eval: training may have run it in another
+    # memory layout (channels-last where bf16 is native), on kernels whose near ties fall
+    # otherwise, so the scores agree closely, not to the bit.
+    assert abs(scores["mean_iu"] - load_checkpoint(out / "best.pt")["metrics"]["mean_iu"]) <= 1e-3
     main(
         ["eval", "--data", str(synth_root), "--checkpoint", str(out / "best.pt"), "--device", "cpu"]
     )

@@ -59,22 +59,24 @@ def evaluate(
     model.eval()
     cm = ConfusionMatrix(num_classes)
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="sum")
-    loss_sum, counted = 0.0, 0
+    loss_sum, counted, images = 0.0, 0, 0
     layout = input_layout(model)
     for image, target in tqdm(loader, desc="val", leave=False, disable=not progress):
         image, target = image.to(device).contiguous(memory_format=layout), target.to(device)
         logits = model(image)
         loss_sum += float(criterion(logits.float(), target))
         counted += int((target != IGNORE_LABEL).sum())
+        images += image.shape[0]
         cm.update(logits.argmax(1).cpu(), target.cpu())
     matrix = torch.from_numpy(cm.matrix).to(device)
-    stats = torch.tensor([loss_sum, counted], dtype=torch.float64, device=device)
+    stats = torch.tensor([loss_sum, counted, images], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(matrix)
         dist.all_reduce(stats)
     scores = segmentation_scores(matrix.cpu().numpy())
     scores["val_loss"] = float(stats[0] / max(stats[1], 1))
     scores["pixels"] = int(matrix.sum())  # labelled pixels scored (every rank's, under DDP)
+    scores["images"] = int(stats[2])  # images scored, every rank's: each val image once
     scores["matrix"] = matrix.cpu().numpy()
     return scores
 
@@ -94,16 +96,16 @@ def evaluate_checkpoint(
     loader = DataLoader(dataset, batch_size=1, num_workers=0)
     with torch.inference_mode():
         scores = evaluate(model.to(dev), loader, dev, dataset.num_classes, progress=not as_json)
-    scores.pop("matrix")
     scores.pop("val_loss")
-    scores["num_images"] = len(dataset)
+    scores["num_images"] = scores.pop("images")
+    shown = {k: v for k, v in scores.items() if k != "matrix"}
     if as_json:
         # NaN is not JSON: absent classes become null.
-        scores["per_class_iu"] = [None if math.isnan(v) else v for v in scores["per_class_iu"]]
-        print(json.dumps(scores))
+        shown["per_class_iu"] = [None if math.isnan(v) else v for v in shown["per_class_iu"]]
+        print(json.dumps(shown))
     else:
-        print(format_table(scores, dataset.class_names))
-    return scores
+        print(format_table(shown, dataset.class_names))
+    return scores  # with the confusion matrix (C x C, rows = truth), which is not printed
 
 
 def format_table(scores: dict, class_names: list[str]) -> str:

@@ -443,7 +443,10 @@ def train(cfg: TrainConfig) -> dict:
             continue
         with metrics_path.open("a", newline="") as f:
             csv.writer(f).writerow([row[c] for c in METRIC_COLUMNS])
-        val_metrics = {k: scores[k] for k in (*SCORES, "per_class_iu", "pixels")}
+        val_metrics = {k: scores[k] for k in (*SCORES, "per_class_iu", "pixels", "images")}
+        # The summed confusion matrix (rows = truth): its row sums are the labelled pixels
+        # of each class, whatever kernels computed the predictions.
+        val_metrics["matrix"] = scores["matrix"].tolist()
         with metrics_path.open() as f:  # every epoch so far, over every invocation
             train_seconds = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
         fields_ = checkpoint_fields(
