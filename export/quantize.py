@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segserve.contracts.agreement import MAX_MEAN_IU_DROP, MIN_AGREEMENT
 from segserve.contracts.card import ModelCard, read_card
 from segserve.contracts.repository import (
     CARD_FILE,
     MODEL_FILE,
+    file_sha256,
     replace_file,
     set_card,
     variant_path,
@@ -38,8 +40,6 @@ from segserve.errors import UserError
 from segserve.training.datasets import find_voc_root
 from segserve.training.metrics import ConfusionMatrix, segmentation_scores
 
-MIN_AGREEMENT = 0.995
-MAX_MEAN_IU_DROP = 0.005
 DEFAULT_CALIBRATION_IMAGES = 40
 DEFAULT_HELD_OUT_IMAGES = 100
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Relu", "MaxPool", "Concat")
@@ -300,6 +300,7 @@ def quantize_folder(
     card = read_card(meta.custom_metadata_map, folder / CARD_FILE)
     if card.precision != "float32":
         raise QuantizationError(f"{source} is {card.precision}: int8 is made from float32")
+    source_sha256 = file_sha256(source)  # what the variant is made from, as it is now
     images = image_set(data, calibration, held_out)
     log(
         f"calibrating on {len(images.calibration)} images, checking on "
@@ -311,7 +312,9 @@ def quantize_folder(
         report = gate(source, raw, card, images)
         if not report.passed:
             raise QuantizationRefused(report)
-        int8_card = card.replace(precision="int8", quantization=report.as_dict())
+        int8_card = card.replace(
+            precision="int8", quantization=report.as_dict(), source_sha256=source_sha256
+        )
         model = onnx.load(str(raw))
         set_card(model, int8_card)
         replace_file(target, model.SerializeToString())

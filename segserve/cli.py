@@ -596,13 +596,35 @@ def add_predict(sub: Subcommands) -> None:
         help="native: at the image's own resolution, in tiles past one tile; fit: scaled "
         "down first (default: the model card's)",
     )
+    add_variant_option(p)
+
+
+def add_variant_option(p: argparse.ArgumentParser) -> None:
+    from segserve.service.runtime.variants import VARIANT_NAMES
+
+    p.add_argument(
+        "--variant",
+        choices=("auto", *VARIANT_NAMES),
+        default=None,
+        help="the runtime x arithmetic to run (default: $SEGSERVE_VARIANT, else auto: the "
+        "fastest candidate measured here that passes its check, as the server chooses)",
+    )
+
+
+def settings_from(args: argparse.Namespace):
+    """SEGSERVE_* settings, with the command line's --variant over them."""
+    from segserve.service.settings import Settings
+
+    return Settings(**({"variant": args.variant} if args.variant else {}))
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """The same steps and limits as POST /segment (SEGSERVE_* settings apply)."""
     from segserve.service.predict import predict_files
 
-    predict_files(args.images, args.model, args.out, args.format, scale=args.scale)
+    predict_files(
+        args.images, args.model, args.out, args.format, settings_from(args), scale=args.scale
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ from segserve.service.media.imaging import decode_opened, open_image, resize_rgb
 from segserve.service.media.render import RenderSpec, class_summary, render, resize_labels
 from segserve.service.media.tiling import ScalePlan, keep_centre, tile_pixels
 from segserve.service.runtime.engine import Engine
+from segserve.service.runtime.selection import select_for_file
 from segserve.service.settings import Settings
 from segserve.service.telemetry.clock import Timings
 
@@ -28,12 +29,12 @@ def predict_files(
     `settings` (default: from SEGSERVE_* variables) bound the pixels and size the tiles as
     the server's do; `scale` is the policy (default: the model's)."""
     s = settings or Settings()
-    engine = Engine.load(
-        model, "cpu", s.intra_op_threads, arena_shrink_pixels=s.arena_shrink_pixels
-    )
+    selection = select_for_file(model, s)  # the variant the server would serve here
+    engine = selection.engine
+    print(f"{model}: {engine.variant} on {engine.provider} ({selection.choice.reason})")
     card = engine.card
-    whole = engine.batch_pixel_limit or 0  # as the server's CPU engine decides it
-    plan = ScalePlan.for_card(card, scale, s.tile_size_for("cpu"), s.fit_pixels, whole)
+    whole = engine.batch_pixel_limit or 0  # as the server's engine decides it
+    plan = ScalePlan.for_card(card, scale, s.tile_size_for(engine.provider), s.fit_pixels, whole)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:

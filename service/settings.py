@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from segserve.contracts.agreement import MAX_MEAN_IU_DROP, MIN_AGREEMENT
 from segserve.service.media.imaging import DEFAULT_FORMATS
 
 
@@ -63,12 +64,34 @@ class Settings(BaseSettings):
     providers: str = "auto"
     intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     warmup_shapes: str = "512x512,375x500"
-    # Which variant of a version serves (service/runtime/variants.py): `auto` times the
-    # variants this provider may run (CPU: int8; CUDA: float16) against the version's own on
-    # the warm-up shapes, `variant_rounds` alternating rounds, and serves the one clearly
-    # faster; a precision forces that variant where the version has it.
-    variant: Literal["auto", "float32", "float16", "int8"] = "auto"
+    # Which runtime x arithmetic serves a version (service/runtime/variants.py, selection.py):
+    # `auto` times every candidate this host has (CPU: the int8 file; with OpenVINO, float32,
+    # bf16 and int8 through it; CUDA: float16) against the version's own on the warm-up
+    # shapes, a shape none has seen and a batch, `variant_rounds` alternating rounds within
+    # `variant_budget_s`, and serves the fastest that is clearly faster and passes its check
+    # on the check set (pixels agreeing with float32, mean IU, class floors). A name forces
+    # that candidate (still checked; the version's own serves where it fails or is absent).
+    variant: Literal[
+        "auto",
+        "float32",
+        "float16",
+        "int8",
+        "openvino-float32",
+        "openvino-bf16",
+        "openvino-float16",
+        "openvino-int8",
+    ] = "auto"
     variant_rounds: int = Field(3, ge=1, le=20)
+    variant_budget_s: float = Field(60.0, gt=0)
+    variant_min_agreement: float = Field(MIN_AGREEMENT, ge=0, le=1)
+    variant_max_mean_iu_drop: float = Field(MAX_MEAN_IU_DROP, ge=0, le=1)
+    # The runtimes candidates run on: `auto` = onnxruntime, and OpenVINO where it is
+    # installed (the openvino extra) on a CPU host; or a list such as `onnxruntime` (OpenVINO
+    # never tried) or `onnxruntime,openvino` (OpenVINO must be installed: a start-up error).
+    runtimes: str = "auto"
+    # OpenVINO compiles kernels per input shape and caches them (about 2 MB a shape): the
+    # cache holds this many shapes, enough for the warm-up and tile shapes that recur.
+    openvino_shape_cache: int = Field(16, ge=0)
     # The check-set gate (service/runtime/gate.py): a new version serves only if its mean IU
     # on REPO/NAME/checkset is at most this under the serving version's, and no class under
     # the floor (a card's `class_floor` first; None: no floor).
@@ -166,6 +189,19 @@ class Settings(BaseSettings):
         parse_shapes(value)
         return value
 
+    @field_validator("runtimes")
+    @classmethod
+    def _known_runtimes(cls, value: str) -> str:
+        names = parse_list(value.lower())
+        if names == ("auto",):
+            return "auto"
+        if "onnxruntime" not in names or not set(names) <= {"onnxruntime", "openvino"}:
+            raise ValueError(
+                f"runtimes: auto, or a list of onnxruntime (always: the version's own runs "
+                f"on it) and openvino, not {value!r}"
+            )
+        return ",".join(names)
+
     @field_validator("grpc_port", mode="before")
     @classmethod
     def _off_is_none(cls, value: object) -> object:
@@ -188,6 +224,11 @@ class Settings(BaseSettings):
         if self.max_inflight_pixels < self.max_image_pixels:
             raise ValueError("max_inflight_pixels must be at least max_image_pixels")
         return self
+
+    @property
+    def runtime_names(self) -> tuple[str, ...] | None:
+        """The runtimes named (None: auto)."""
+        return None if self.runtimes == "auto" else parse_list(self.runtimes)
 
     def batch_size_for(self, provider: str) -> int:
         return self.max_batch_size or DEFAULT_BATCH_SIZES.get(provider, 1)

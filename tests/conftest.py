@@ -16,6 +16,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # 640 px that was half a second of every start of the tests' two-version repository, some
 # seventy starts a run. Servers the tests start inherit it.
 os.environ.setdefault("SEGSERVE_TILE_SIZE", "320")
+# float32 unless a test asks for another or for auto: `auto` loads, times and checks every
+# candidate runtime x arithmetic at each start (tests/test_selection.py is where it is
+# tested), seconds the suite would spend again in every `segserve predict` it runs.
+os.environ.setdefault("SEGSERVE_VARIANT", "float32")
 
 
 @pytest.fixture(scope="session")

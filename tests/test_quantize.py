@@ -14,7 +14,7 @@ from PIL import Image
 
 from segserve.cli import main as cli
 from segserve.contracts.card import read_card
-from segserve.contracts.repository import CARD_FILE, variant_paths
+from segserve.contracts.repository import CARD_FILE, file_sha256, variant_paths
 from segserve.default_model import NAME, install
 from segserve.export.quantize import (
     MIN_AGREEMENT,
@@ -62,6 +62,7 @@ def test_an_int8_variant_that_agrees_with_float32_is_published_with_its_gate_fig
     assert q["calibration"]["images"] == 10 and q["held_out"]["images"] == 12
     assert abs(q["mean_iu"]["int8"] - q["mean_iu"]["float32"]) <= 0.005
     assert len(q["per_class_iu"]["int8"]) == card.num_classes
+    assert card.source_sha256 == file_sha256(folder / "model.onnx")  # made from this file
     # model.onnx and its card are untouched: the variant is the same version, not a new one
     assert card_of(folder / "model.onnx").precision == "float32"
     assert json.loads((folder / CARD_FILE).read_text())["precision"] == "float32"

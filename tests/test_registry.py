@@ -168,4 +168,7 @@ def test_a_model_that_runs_large_images_in_tiles_is_warmed_and_timed_at_its_tile
     assert card.scale_policy == "native"  # exported: segserve's networks run native
     side = shapes[-1][0]
     assert shapes == [(32, 32), (side, side)] and 400 - card.size_divisor < side <= 400
-    assert {p for p, _ in runs} == {32 * 32, side * side}  # the timed (second) runs
+    # The timed runs: the warm-up shape, a shape never seen, a batch of the warm-up shape
+    # (as the batcher forms them) and the tile (its second run).
+    timed = {p for p, _ in runs}
+    assert {32 * 32, side * side} <= timed and len(timed) >= 3

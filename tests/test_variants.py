@@ -1,133 +1,130 @@
-"""Which variant serves (service/runtime/variants.py and the registry): measured on this
-machine in alternating rounds, another variant only where clearly faster, a setting that
-forces one, and a variant that appears beside a served version taking over without a
-restart. Run on the tiny model with an int8 variant made for it; both outcomes of `auto`
-are checked on made-up timings, since which one this CPU gives depends on the CPU."""
+"""The pure rules of which candidate serves (service/runtime/variants.py): the candidates a
+version has on a host, another than its own only where clearly faster (fastest first),
+alternating timed rounds of warm, unseen and batched work within a budget, and the check of
+a candidate's labels against float32's. Timings here are made up: which candidate a CPU
+makes fastest is its own business (test_selection.py runs them for real)."""
 
-import asyncio
-import shutil
-
+import numpy as np
 import pytest
 
-from segserve.contracts.repository import variant_paths
-from segserve.export.quantize import quantize_version
-from segserve.service.runtime.registry import ModelRegistry
-from segserve.service.runtime.variants import CLEARLY_FASTER, candidates, choose, time_rounds
-from segserve.service.settings import Settings
-from segserve.service.telemetry.prometheus import ServiceMetrics
+from segserve.service.runtime.variants import (
+    CLEARLY_FASTER,
+    HOPELESS,
+    Work,
+    candidates,
+    challengers,
+    check_labels,
+    time_rounds,
+)
 
 
-def test_another_variant_serves_only_where_it_is_clearly_faster():
-    assert choose({"float32": 1.0, "int8": 0.5}, "float32")[0] == "int8"
-    assert choose({"float32": 1.0, "int8": 1 / CLEARLY_FASTER}, "float32")[0] == "int8"
-    variant, reason = choose({"float32": 1.0, "int8": 0.95}, "float32")
-    assert variant == "float32" and "1/1.05" in reason and "under the 1/1.10" in reason
-    assert choose({"float32": 1.0, "int8": 1.2}, "float32") == ("float32", "float32 was fastest")
+def test_another_candidate_serves_only_where_it_is_clearly_faster_fastest_first():
+    seconds = {"float32": 1.0, "int8": 0.5, "openvino-bf16": 0.3, "openvino-float32": 0.95}
+    assert challengers(seconds, "float32") == ["openvino-bf16", "int8"]
+    assert challengers({"float32": 1.0, "int8": 1 / CLEARLY_FASTER}, "float32") == ["int8"]
+    assert challengers({"float32": 1.0, "int8": 0.95}, "float32") == []
+    assert challengers({"float32": 1.0, "int8": 1.2}, "float32") == []
 
 
-def test_each_provider_times_only_the_variants_it_runs_well_and_a_forced_one_must_exist():
-    files = {"int8": "model.int8.onnx", "float16": "model.float16.onnx"}
-    assert candidates("float32", files, "cpu", "auto") == (["int8"], None)
-    assert candidates("float32", files, "cuda", "auto") == (["float16"], None)
-    assert candidates("float32", {}, "cpu", "auto") == ([], None)
-    assert candidates("float32", files, "cpu", "float32") == ([], None)
-    assert candidates("float32", files, "cuda", "int8") == (["int8"], None)
-    wanted, why = candidates("float32", {}, "cpu", "int8")
-    assert wanted == [] and why == "no int8 variant in this version: serving its own float32"
+def names(cs):
+    return [c.name for c in cs]
 
 
-def test_rounds_alternate_between_variants_and_the_median_round_counts():
-    order, ticks = [], iter(range(1000))
-    costs = {"a": [5, 1, 1], "b": [2, 2, 9]}  # a slow first round of a, a slow last of b
-    rounds = {"a": iter(costs["a"]), "b": iter(costs["b"])}
-    now = [0.0]
+def test_the_candidates_of_a_version_depend_on_its_files_the_provider_and_openvino():
+    files = ["int8", "float16"]
+    assert names(candidates("float32", files, "cpu", None)) == ["float32", "int8"]
+    assert names(candidates("float32", files, "cuda", None)) == ["float32", "float16"]
+    assert names(candidates("float32", [], "cpu", None)) == ["float32"]
+    # With OpenVINO on an AVX2 CPU: bf16 is listed (to be found unavailable), float16 not.
+    avx2 = frozenset({"float32", "int8"})
+    found = candidates("float32", ["int8"], "cpu", avx2)
+    assert names(found) == [
+        "float32", "int8", "openvino-float32", "openvino-bf16", "openvino-int8",
+    ]  # fmt: skip
+    assert [(c.runtime, c.file, c.arithmetic) for c in found[2:]] == [
+        ("openvino", "float32", "float32"),
+        ("openvino", "float32", "bf16"),
+        ("openvino", "int8", "int8"),
+    ]
+    amx_fp16 = frozenset({"float32", "bf16", "float16", "int8"})
+    assert "openvino-float16" in names(candidates("float32", [], "cpu", amx_fp16))
+    assert names(candidates("float32", ["int8"], "cuda", avx2)) == [
+        "float32"
+    ]  # GPU: no CPU runtime
+    # An imported float16 network is its own arithmetic: OpenVINO's are made from float32.
+    assert names(candidates("float16", [], "cpu", avx2)) == ["float16"]
+    assert [c.exact for c in found] == [True, False, True, False, False]
 
-    def clock():
-        next(ticks)
-        return now[0]
 
-    def runner(name):
-        def run(_image):
-            order.append(name)
-            now[0] += next(rounds[name])
+class FakeClock:
+    """Each run advances time by its runner's next cost."""
+
+    def __init__(self, costs):
+        self.now, self.costs, self.order = 0.0, {k: iter(v) for k, v in costs.items()}, []
+
+    def __call__(self):
+        return self.now
+
+    def runner(self, name):
+        def run(images):
+            self.order.append((name, len(images)))
+            self.now += next(self.costs[name])
 
         return run
 
-    seconds, runs = time_rounds({"a": runner("a"), "b": runner("b")}, [(8, 8)], 3, clock)
-    assert order == ["a", "b", "a", "b", "a", "b"]
-    assert seconds == {"a": 1.0, "b": 2.0}  # the medians: one bad round does not decide
-    assert runs["a"] == [(64, 5.0), (64, 1.0), (64, 1.0)]
 
-
-@pytest.fixture(scope="module")
-def with_int8(tiny_repository, synth_root, tmp_path_factory):
-    """The tiny repository with an int8 variant beside tiny v2 (calibrated on the synthetic
-    images as a plain folder: its labels have more classes than tiny)."""
-    repo = tmp_path_factory.mktemp("variants") / "repo"
-    shutil.copytree(tiny_repository, repo)
-    photos = tmp_path_factory.mktemp("photos")
-    for path in (synth_root / "JPEGImages").glob("*.jpg"):
-        shutil.copy(path, photos)
-    quantize_version(repo, "tiny", 2, photos, calibration=8, held_out=4, log=lambda *_: None)
-    return repo
-
-
-def serve(repository, body, **settings):
-    values = {"warmup_shapes": "32x32,48x64", "intra_op_threads": 1, "repository_poll_s": 0}
-    registry = ModelRegistry(
-        Settings(repository=repository, **{**values, **settings}), ServiceMetrics()
+def test_rounds_alternate_the_median_round_counts_and_hopeless_ones_are_timed_once():
+    work = Work(((8, 8),), None)  # per round: the warm shape, an unseen one
+    clock = FakeClock({
+        "own": [1, 1, 5, 1, 1, 1],  # a slow round of its own
+        "fast": [1, 0, 1, 0, 1, 0],
+        "slow": [2, 1] + [9] * 4,
+    })  # fmt: skip
+    timing = time_rounds(
+        {n: clock.runner(n) for n in ("own", "fast", "slow")}, work, 3, "own", clock=clock
     )
-
-    async def main():
-        await registry.start()
-        try:
-            return await body(registry)
-        finally:
-            await registry.stop()
-
-    return asyncio.run(main())
+    assert timing.seconds == {"own": 2.0, "fast": 1.0, "slow": 3.0}
+    assert timing.dropped == {"slow": 1} and HOPELESS * 2.0 <= 3.0  # timed in round 1 only
+    assert [n for n, _ in clock.order][:6] == ["own", "own", "fast", "fast", "slow", "slow"]
+    assert timing.rounds == 3 and len(timing.runs["own"]) == 6 and len(timing.runs["slow"]) == 2
+    assert timing.runs["own"][0] == (64, 1.0)
 
 
-async def current(registry):
-    return registry.get("tiny")
+def test_a_round_that_would_take_the_timing_past_its_budget_is_not_started():
+    work = Work(((8, 8),), None)
+    clock = FakeClock({"own": [3] * 20, "other": [3] * 20})
+    runners = {n: clock.runner(n) for n in ("own", "other")}
+    timing = time_rounds(runners, work, 10, "own", budget_s=25, clock=clock)
+    assert timing.rounds == 2  # 12 s a round: a third would end at 36 s
+    once = time_rounds(runners, work, 10, "own", budget_s=1, clock=clock)
+    assert once.rounds == 1  # one round always runs
 
 
-def test_auto_times_both_variants_here_and_serves_what_the_measurement_says(with_int8):
-    model = serve(with_int8, current)
-    c = model.choice
-    assert set(c.seconds) == {"float32", "int8"} and c.rounds == 3 and c.mode == "auto"
-    assert model.variant == choose(c.seconds, "float32")[0] == c.variant
-    assert model.card.precision == model.variant and model.variants == ["float32", "int8"]
-    assert model.batcher.cost.per_pixel > 0  # seeded from the timed runs of what serves
+def test_a_round_runs_each_warm_shape_a_new_unseen_shape_and_a_batch_the_batcher_would_form():
+    shapes = [(512, 512), (375, 500)]
+    work = Work.plan(shapes, max_batch=4, batch_pixels=799_999)
+    assert work.batch == (3, (512, 512))  # three 512x512 fit under 0.8 MP, four do not
+    first, second = work.runs(0), work.runs(1)
+    assert [len(images) for _, images in first] == [1, 1, 1, 3]
+    unseen = [images[0].shape[:2] for _, images in (first[2], second[2])]
+    assert unseen[0] != unseen[1] and not set(unseen) & set(shapes)
+    assert Work.plan([(1000, 1000)], 4, 799_999).batch is None  # two would not fit
+    assert Work.plan([(64, 64)], 8, None).batch == (8, (64, 64))
 
 
-@pytest.mark.parametrize("forced", ["float32", "int8"])
-def test_the_setting_forces_a_variant_and_only_that_one_is_loaded(with_int8, forced):
-    model = serve(with_int8, current, variant=forced)
-    assert model.variant == forced and model.choice.mode == forced
-    assert set(model.choice.seconds) == {forced}  # nothing else was loaded or timed
-    assert model.choice.reason == f"variant={forced} (the setting)"
-
-
-def test_forcing_a_variant_a_version_lacks_serves_its_own_and_says_so(tiny_repository):
-    model = serve(tiny_repository, current, variant="int8")
-    assert model.variant == "float32"
-    assert model.choice.reason == "no int8 variant in this version: serving its own float32"
-
-
-def test_a_variant_added_beside_a_served_version_takes_over_without_a_restart(with_int8, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(with_int8, repo)
-    int8 = variant_paths(repo / "tiny" / "2")["int8"]
-    kept = int8.rename(tmp_path / "model.int8.onnx")
-
-    async def body(registry):
-        before = registry.get("tiny")
-        kept.rename(int8)  # as `segserve quantize` publishes it: one rename
-        await registry.sync()
-        after = registry.get("tiny")
-        return before, after
-
-    before, after = serve(repo, body, variant="int8")
-    assert before.variant == "float32" and "no int8 variant" in before.choice.reason
-    assert after is not before and after.variant == "int8"
+def test_a_candidate_passes_its_check_only_with_float32_s_labels_its_score_and_its_floors():
+    rng = np.random.default_rng(0)
+    truth = [rng.integers(0, 3, (40, 50)) for _ in range(3)]
+    reference = [t.copy() for t in truth]
+    close = [r.copy() for r in reference]
+    close[0][0, :5] = (close[0][0, :5] + 1) % 3  # 5 of 6000 pixels differ
+    names = ["bg", "a", "b"]
+    ok = check_labels(reference, close, truth, names, None, 0.995, 0.005)
+    assert ok.passed and ok.agreement == pytest.approx(1 - 5 / 6000)
+    assert "99.9167% of 6,000 check-set pixels keep float32's label" in ok.reason
+    far = [np.where(r == 2, 1, r) for r in reference]  # never says b
+    bad = check_labels(reference, far, truth, names, 0.5, 0.995, 0.005)
+    assert not bad.passed and bad.low_classes == ["b 0.000"]
+    assert bad.reason.startswith("failed its check on the check set: ")
+    assert "keep float32's label (99.5% needed)" in bad.reason and "mean IU" in bad.reason
+    assert bad.mean_iu < bad.reference_mean_iu == 1.0

@@ -102,6 +102,10 @@ class ModelCard:
     # An int8 variant's making and its gate: method, calibration images, held-out agreement
     # with the float32 variant, mean and per-class IU of both (segserve.export.quantize).
     quantization: dict[str, Any] | None = None
+    # A variant file's source: the sha256 of the model.onnx it was made from ("" in a
+    # version's own model.onnx). A variant whose source is not the model.onnx beside it is
+    # stale and never serves (service/runtime/selection.py).
+    source_sha256: str = ""
     # The check-set gate's floor for this model: no class's IU may fall under it (None: the
     # server's setting, gate_class_floor).
     class_floor: float | None = None

@@ -10,6 +10,7 @@ VERSION is a positive integer; the newest version of a name is its default.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import tempfile
@@ -59,6 +60,15 @@ def variant_paths(folder: Path) -> dict[str, Path]:
     from segserve.contracts.card import PRECISIONS
 
     return {p: variant_path(folder, p) for p in PRECISIONS if variant_path(folder, p).is_file()}
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks (a model can be half a gigabyte)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def replace_file(path: Path, data: bytes) -> None:

@@ -1,10 +1,14 @@
-"""One onnxruntime session per model version: the one place that turns images into labels.
+"""One engine per served variant of a model version: the one place that turns images into labels.
 
 `prepare` (one image, in the request's own worker thread) -> `stack` (stack and pad a group)
--> `run` (one `session.run`, crop each result back to its image). `segment` does all three
+-> `run` (one inference, crop each result back to its image). `segment` does all three
 for callers without a batcher (warm-up, `segserve predict`). The card says what the graph
 takes: uint8 pixels (normalised inside the graph, nothing to do here) or, for older and
 imported models, float NCHW pixels normalised here.
+
+The inference itself is a runner's: an onnxruntime session (any provider), or OpenVINO's
+CPU plugin (service/runtime/openvino.py). Which file, runtime and arithmetic an engine runs
+is its `variant`: "float32" or "int8" on onnxruntime, "openvino-bf16" and the like.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -28,20 +33,43 @@ from segserve.service.runtime.providers import (
 )
 from segserve.service.settings import ARENA_SHRINK_PIXELS
 
+if TYPE_CHECKING:
+    from segserve.service.runtime.openvino import OpenVinoRunner
+
 log = logging.getLogger("segserve.engine")
 
 _SHRINK_CPU_ARENA = ort.RunOptions()
 _SHRINK_CPU_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
+class OrtRunner:
+    """An onnxruntime session, run by the engine."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.inputs = [i.name for i in session.get_inputs()]
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0].removesuffix("ExecutionProvider").lower()
+
+    def run(self, output: str, input_name: str, batch: np.ndarray, shrink: bool) -> np.ndarray:
+        options = _SHRINK_CPU_ARENA if shrink else None  # the arena would keep its peak
+        return self.session.run([output], {input_name: batch}, options)[0]
+
+
 @dataclass
 class Engine:
-    session: ort.InferenceSession
+    runner: OrtRunner | OpenVinoRunner
     card: ModelCard
     path: Path
     # Runs on this many pixels or more shrink the CPU arena when they end (None: never, or
     # no arena).
     shrink_at_pixels: int | None = None
+    variant: str = ""  # the card's precision on onnxruntime; "openvino-ARITHMETIC" on OpenVINO
 
     @classmethod
     def load(
@@ -89,10 +117,39 @@ class Engine:
             beside = card_path or Path(path).with_name(CARD_FILE)
             card = read_card(session.get_modelmeta().custom_metadata_map, beside)
         engine = cls(
-            session=session,
+            runner=OrtRunner(session),
             card=card,
             path=Path(path),
             shrink_at_pixels=arena_shrink_pixels if cpu_arena else None,
+            variant=card.precision,
+        )
+        engine.check_io()
+        return engine
+
+    @classmethod
+    def load_openvino(
+        cls,
+        path: Path,
+        arithmetic: str,
+        card: ModelCard,
+        intra_op_threads: int = 1,
+        shape_cache: int = 16,
+        batch_pixels: int | None = ARENA_SHRINK_PIXELS,
+    ) -> Engine:
+        """`path` compiled by OpenVINO's CPU plugin to compute in `arithmetic` (float32,
+        bf16, float16; an int8 file computes as its QDQ says: name it int8). The card is the
+        file's, read by the caller (OpenVINO does not keep ONNX metadata). `batch_pixels`:
+        the most pixels one batch of several images holds, as for a CPU session, since
+        OpenVINO keeps the memory of its largest run."""
+        from segserve.service.runtime.openvino import OpenVinoRunner
+
+        runner = OpenVinoRunner(Path(path), arithmetic, intra_op_threads, shape_cache)
+        engine = cls(
+            runner=runner,
+            card=card,
+            path=Path(path),
+            shrink_at_pixels=batch_pixels,
+            variant=f"openvino-{arithmetic}",
         )
         engine.check_io()
         return engine
@@ -110,8 +167,7 @@ class Engine:
 
     def check_io(self) -> None:
         """The graph has the input and output its card names."""
-        inputs = {i.name for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
+        inputs, outputs = set(self.runner.inputs), set(self.runner.outputs)
         if self.card.input_name not in inputs or self.card.output_name not in outputs:
             raise ValueError(
                 f"the card names input {self.card.input_name!r} and output "
@@ -121,7 +177,12 @@ class Engine:
 
     @property
     def provider(self) -> str:
-        return self.session.get_providers()[0].removesuffix("ExecutionProvider").lower()
+        """The device kind: cpu, cuda or tensorrt (OpenVINO runs on the CPU)."""
+        return self.runner.provider
+
+    @property
+    def runtime(self) -> str:
+        return self.runner.runtime
 
     # -- the data path -----------------------------------------------------------------
 
@@ -158,12 +219,10 @@ class Engine:
         return out
 
     def run(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        """One `session.run`; the labels of each item, cropped back to its (H, W)."""
-        options = None
+        """One inference; the labels of each item, cropped back to its (H, W)."""
         pixels = batch.size // 3  # N x H x W, either layout
-        if self.shrink_at_pixels is not None and pixels >= self.shrink_at_pixels:
-            options = _SHRINK_CPU_ARENA  # the arena would keep this run's peak for good
-        out = self.session.run([self.card.output_name], {self.card.input_name: batch}, options)[0]
+        shrink = self.shrink_at_pixels is not None and pixels >= self.shrink_at_pixels
+        out = self.runner.run(self.card.output_name, self.card.input_name, batch, shrink)
         if self.card.output == "logits":
             out = out.argmax(axis=1)
         labels = out.astype(np.uint8, copy=False)
@@ -178,6 +237,6 @@ class Engine:
         return result
 
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Labels (H x W uint8) for RGB images in one `session.run`, without a batcher."""
+        """Labels (H x W uint8) for RGB images in one inference, without a batcher."""
         items = [self.prepare(im) for im in images]
         return self.run(self.stack(items), [self.item_size(it) for it in items])

@@ -101,15 +101,26 @@ class Scores:
 def score(segment: Callable[[np.ndarray], np.ndarray], check: CheckSet, num_classes: int) -> Scores:
     """Run every check-set image through `segment` (one image -> its labels) and score it
     as `segserve eval` does (training/metrics.py)."""
-    matrix = ConfusionMatrix(num_classes)
-    predicted = []
-    for rgb, truth in zip(check.images, check.labels, strict=True):
-        labels = segment(rgb)
+    fits(check, num_classes)
+    return scores_of([segment(rgb) for rgb in check.images], check, num_classes)
+
+
+def fits(check: CheckSet, num_classes: int) -> None:
+    """CheckSetError where the set's labels name classes the model lacks (the set's fault,
+    not the model's)."""
+    for truth in check.labels:
         known = truth[truth != IGNORE_LABEL]
-        if known.size and known.max() >= num_classes:  # the set's fault, not the model's
+        if known.size and known.max() >= num_classes:
             raise CheckSetError(
                 f"check set labels hold class {int(known.max())}; the model has {num_classes}"
             )
+
+
+def scores_of(predictions: list[np.ndarray], check: CheckSet, num_classes: int) -> Scores:
+    """The scores of a network's labels of every check-set image (in the set's order)."""
+    matrix = ConfusionMatrix(num_classes)
+    predicted = []
+    for labels, truth in zip(predictions, check.labels, strict=True):
         matrix.update(labels, truth)
         predicted.append(np.bincount(labels.ravel(), minlength=num_classes))
     scores = segmentation_scores(matrix.matrix)
@@ -229,6 +240,13 @@ class VersionGate:
         if key not in self._scores:
             self._scores[key] = score(run, check, num_classes)
         return self._scores[key]
+
+    def remember(
+        self, name: str, version: int, files: tuple, check: CheckSet, scores: Scores
+    ) -> None:
+        """Scores computed elsewhere on `check` (the variant check scores what will serve):
+        not computed again while the model's check set is that one."""
+        self._scores[(name, version, files, check.signature)] = scores
 
     def cached(self, name: str, version: int, files: tuple) -> Scores | None:
         check = self._checks.get(name)

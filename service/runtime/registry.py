@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +26,8 @@ from segserve.service.media.tiling import ScalePlan
 from segserve.service.runtime.engine import Engine
 from segserve.service.runtime.gate import CheckSetError, Scores, Verdict, VersionGate
 from segserve.service.runtime.providers import ProviderUnavailable
-from segserve.service.runtime.variants import VariantChoice, candidates, choose, time_rounds
+from segserve.service.runtime.selection import select_variant
+from segserve.service.runtime.variants import VariantChoice
 from segserve.service.settings import Settings
 from segserve.service.telemetry.clock import Stage, Timings
 from segserve.service.telemetry.drift import DriftWindow
@@ -49,7 +49,8 @@ class ServedModel:
 
     @property
     def variant(self) -> str:
-        return self.engine.card.precision
+        """The candidate that serves: "float32", "int8", "openvino-bf16", ..."""
+        return self.engine.variant
 
     @property
     def variants(self) -> list[str]:
@@ -482,51 +483,24 @@ class ModelRegistry:
             self._default = self.names[0] if self._models else None
 
     def _load(self, entry: VersionEntry) -> ServedModel:
-        """A version, ready to serve: its variants loaded, warmed and (auto) timed on this
-        machine on the warm-up shapes, the one that serves chosen and warmed at its tile too,
-        its cost model seeded with its timed runs."""
+        """A version, ready to serve: its candidates loaded, warmed, timed and checked on
+        this machine (service/runtime/selection.py), what serves warmed at its tile too, its
+        cost model seeded with its timed runs, its check-set scores kept for the gate."""
         s = self.settings
-        own = self._engine(entry.model_path, entry)
-        precision, provider = own.card.precision, own.provider
-        shapes = list(dict.fromkeys(s.warmup))  # what the variants are timed on
-        tiles = [t for t in self.warm_shapes(own) if t not in shapes]
-        wanted, unavailable = candidates(precision, entry.variant_paths(), provider, s.variant)
-        forced_other = s.variant != "auto" and bool(wanted)
-        engines = {} if forced_other else {precision: own}
-        del own  # with another variant forced, the version's own session goes now
-        for other in wanted:
-            engines[other] = self._engine(entry.variant_paths()[other], entry)
-        for engine in engines.values():  # first runs allocate and pick kernels: untimed
-            for h, w in shapes:
-                engine.segment([np.zeros((h, w, 3), np.uint8)])
-        seconds, runs = time_rounds(
-            {p: (lambda im, e=e: e.segment([im])) for p, e in engines.items()},
-            shapes,
-            s.variant_rounds if len(engines) > 1 else 1,
+        selection = select_variant(
+            entry.model_path,
+            entry.card_path,
+            entry.variant_paths(),
+            s,
+            self.gate.check_set(entry.name),
         )
-        if s.variant == "auto":
-            variant, reason = choose(seconds, precision)
-        else:
-            variant = wanted[0] if wanted else precision
-            reason = unavailable or f"variant={s.variant} (the setting)"
-        if unavailable:
-            log.warning("%s v%s: %s", entry.name, entry.version, unavailable)
-        engine = engines[variant]
-        engines.clear()  # the others' sessions (and their arenas) go now
-        for h, w in tiles:  # the tile, for what serves only: once to warm, once timed
-            engine.segment([np.zeros((h, w, 3), np.uint8)])
+        engine, choice = selection.engine, selection.choice
+        runs = list(selection.runs)
+        for h, w in [t for t in self.warm_shapes(engine) if t not in s.warmup]:
+            engine.segment([np.zeros((h, w, 3), np.uint8)])  # the tile: once to warm,
             t0 = time.perf_counter()
-            engine.segment([np.zeros((h, w, 3), np.uint8)])
-            runs[variant].append((h * w, time.perf_counter() - t0))
-        choice = VariantChoice(
-            variant,
-            s.variant,
-            reason,
-            seconds,
-            shapes,
-            s.variant_rounds if len(seconds) > 1 else 1,
-            sorted({precision, *entry.variant_paths()}),
-        )
+            engine.segment([np.zeros((h, w, 3), np.uint8)])  # once timed
+            runs.append((h * w, time.perf_counter() - t0))
         batch_pixels = min(s.max_batch_pixels, engine.batch_pixel_limit or s.max_batch_pixels)
         limits = BatchLimits(
             s.batch_size_for(engine.provider), batch_pixels, engine.card.size_divisor
@@ -540,26 +514,20 @@ class ModelRegistry:
             max_queued_pixels=s.max_queued_pixels,
             max_queue_delay_ms=s.max_queue_delay_ms,
             on_batch=partial(
-                record_batch, self.metrics, entry.name, self.tracing, entry.version, variant
+                record_batch,
+                self.metrics,
+                entry.name,
+                self.tracing,
+                entry.version,
+                choice.variant,
             ),
         )
-        for pixels, took in runs[variant]:  # the cost model's first measurements: warm runs
+        for pixels, took in runs:  # the cost model's first measurements: warm runs
             batcher.cost.observe(pixels, took)
         files = _files(entry)
+        if selection.scores is not None and selection.check is not None:
+            self.gate.remember(entry.name, entry.version, files, selection.check, selection.scores)
         return ServedModel(entry.name, entry.version, engine, batcher, True, choice, files)
-
-    def _engine(self, path: Path, entry: VersionEntry) -> Engine:
-        s = self.settings
-        return Engine.load(
-            path,
-            s.providers,
-            s.intra_op_threads,
-            s.cudnn_conv_algo_search,
-            cpu_arena=s.cpu_mem_arena,
-            spinning=s.ort_spinning,
-            arena_shrink_pixels=s.arena_shrink_pixels,
-            card_path=entry.card_path,
-        )
 
     def warm_shapes(self, engine: Engine) -> list[tuple[int, int]]:
         """The warm-up shapes, and the tile of a model that may run large images in tiles:

@@ -1,12 +1,24 @@
-"""Which variant of a version serves: the arithmetic this machine runs fastest, found by
-measuring it here.
+"""Which runtime and arithmetic serve a version: the candidates a version has on this host,
+how they are timed, and what each one's verdict is. Pure: the loading, running and scoring
+are service/runtime/selection.py's.
 
-A version may carry its network in several arithmetics (model.onnx and model.PRECISION.onnx
-beside it, contracts/repository.py). Whether INT8 pays depends on the CPU: about 2x where it
-has VNNI, a loss on some CPUs without (docs/benchmarks.md, "INT8 variants"). So the server
-does not guess from CPU flags: at load it times every variant it may serve on the warm-up
-shapes, in alternating rounds, and serves another variant than the version's own only where
-it is clearly faster. `variant` (a setting) forces one instead.
+A version carries its network as model.onnx (float32, its "own" arithmetic) and may carry
+variant files beside it (model.int8.onnx, contracts/repository.py). A candidate is a file
+run by a runtime in an arithmetic:
+
+    float32            model.onnx on onnxruntime (the version's own: the reference)
+    int8               model.int8.onnx on onnxruntime's CPU kernels (VNNI where there is)
+    float16            model.float16.onnx on CUDA / TensorRT
+    openvino-float32   model.onnx on OpenVINO's CPU plugin, in f32
+    openvino-bf16      model.onnx on OpenVINO in bf16 (AVX512-BF16, AMX)
+    openvino-float16   model.onnx on OpenVINO in f16 (CPUs with AMX-FP16)
+    openvino-int8      model.int8.onnx on OpenVINO (AMX, VNNI)
+
+Which wins depends on the CPU (docs/benchmarks.md, "Runtimes and arithmetics"): on an AMX
+Xeon OpenVINO's bf16 and int8 are several times float32, on an AVX2-only EPYC they gain
+10-50 %. So nothing is guessed from CPU flags: the candidates are timed here, another than
+the version's own serves only where it is clearly faster, and only after it was checked
+against the version's own labels on the model's check set on this machine.
 """
 
 from __future__ import annotations
@@ -15,26 +27,104 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-VARIANT_MODES = ("auto", "float32", "float16", "int8")
-# Another variant serves only when it takes at most 1/1.10 of the version's own time: below
-# that, a difference is within what two runs of the same session differ by on a busy CPU,
-# and the version's own arithmetic is the one its quality figures are for.
+from segserve.training.metrics import ConfusionMatrix, segmentation_scores
+
+ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
+OPENVINO_ARITHMETICS = ("float32", "bf16", "float16", "int8")
+VARIANT_NAMES = (
+    "float32",
+    "float16",
+    "int8",
+    *(f"openvino-{a}" for a in OPENVINO_ARITHMETICS),
+)
+# Another candidate serves only when it takes at most 1/1.10 of the version's own time:
+# below that, a difference is within what two runs of the same session differ by on a busy
+# CPU, and the version's own arithmetic is the one its quality figures are for.
 CLEARLY_FASTER = 1.10
-# The variants worth timing on each provider. INT8 (QDQ) runs on onnxruntime's CPU kernels;
-# CUDA's would fall back to float for most of it. float16 pays on GPUs (tensor cores); on a
-# CPU onnxruntime converts it back to float32 around most kernels.
+# After the first timed round, a candidate this much slower than the version's own is not
+# timed again: it cannot come within CLEARLY_FASTER of winning (the load's time is bounded).
+HOPELESS = 1.25
+# The variant files worth timing on onnxruntime, by provider. INT8 (QDQ) runs on its CPU
+# kernels; CUDA's would fall back to float for most of it. float16 pays on GPUs (tensor
+# cores); on a CPU onnxruntime converts it back to float32 around most kernels.
 ON_PROVIDER = {"cpu": ("int8",), "cuda": ("float16",), "tensorrt": ("float16",)}
+
+# The verdicts /models/{name} gives each candidate.
+SERVING = "serving"  # answers the version's requests
+SLOWER = "slower"  # timed: not clearly faster than what serves
+REFUSED = "refused"  # failed its check, did not load or run, or may not serve unchecked
+STALE = "stale"  # a variant file made from another model.onnx: never loaded
+UNAVAILABLE = "unavailable"  # this CPU lacks the arithmetic
+SKIPPED = "skipped"  # not loaded: another variant was named by the setting
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # "float32", "int8", "openvino-bf16", ...
+    runtime: str  # onnxruntime | openvino
+    file: str  # the precision of the file it runs: the version's own or a variant's
+    arithmetic: str  # what it computes in
+
+    @property
+    def exact(self) -> bool:
+        """float32 arithmetic: the version's own numbers, up to the order of the sums."""
+        return self.arithmetic == "float32"
+
+
+def candidates(
+    own: str, files: Sequence[str], provider: str, openvino: frozenset[str] | None
+) -> list[Candidate]:
+    """Every candidate of a version on this host, the version's own first. `files`: the
+    precisions of its variant files; `openvino`: the arithmetics OpenVINO computes natively
+    on this CPU (None: OpenVINO not installed or not asked for). bf16 is listed wherever
+    OpenVINO is (as unavailable where the CPU lacks it: that is worth knowing), float16
+    only where the CPU has it."""
+    out = [Candidate(own, ONNXRUNTIME, own, own)]
+    out += [Candidate(p, ONNXRUNTIME, p, p) for p in ON_PROVIDER.get(provider, ()) if p in files]
+    if provider == "cpu" and openvino is not None and own == "float32":
+        for arithmetic in ("float32", "bf16", "float16"):
+            if arithmetic != "float16" or arithmetic in openvino:
+                out.append(Candidate(f"openvino-{arithmetic}", OPENVINO, own, arithmetic))
+        if "int8" in files:
+            out.append(Candidate("openvino-int8", OPENVINO, "int8", "int8"))
+    return [c for i, c in enumerate(out) if c.name not in {d.name for d in out[:i]}]
+
+
+@dataclass
+class Report:
+    """One candidate as /models/{name} shows it: its verdict and the figures behind it."""
+
+    candidate: Candidate
+    verdict: str = ""
+    reason: str = ""
+    seconds: float | None = None  # median over rounds of one round's work
+    agreement: float | None = None  # share of check-set pixels with float32's label
+    mean_iu: float | None = None  # on the check set
+
+    def as_dict(self, own_seconds: float | None) -> dict:
+        c = self.candidate
+        speedup = round(own_seconds / self.seconds, 3) if own_seconds and self.seconds else None
+        return {
+            "name": c.name,
+            "runtime": c.runtime,
+            "arithmetic": c.arithmetic,
+            "file": "model.onnx" if c.file == "float32" else f"model.{c.file}.onnx",
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "seconds": None if self.seconds is None else round(self.seconds, 6),
+            "speedup": speedup,
+            "agreement": self.agreement,
+            "mean_iu": self.mean_iu,
+        }
 
 
 @dataclass(frozen=True)
 class VariantChoice:
-    """What serves and why: the variant (a precision), how it was chosen (`auto` or the
-    forced setting), the median seconds of each variant timed over the shapes, and a reason
-    a person can read."""
+    """What serves and why: the candidate, how it was chosen (`auto` or the forced setting),
+    a reason a person can read, and every candidate's report."""
 
     variant: str
     mode: str
@@ -42,9 +132,13 @@ class VariantChoice:
     seconds: dict[str, float] = field(default_factory=dict)
     shapes: list[tuple[int, int]] = field(default_factory=list)
     rounds: int = 0
-    available: list[str] = field(default_factory=list)  # the variants the version has
+    available: list[str] = field(default_factory=list)  # the variant files the version has
+    reports: list[Report] = field(default_factory=list)
+    work: list[str] = field(default_factory=list)  # what one timed round ran
+    load_seconds: dict[str, float] = field(default_factory=dict)  # timing, checking
 
     def as_dict(self) -> dict:
+        own = self.seconds.get(self.reports[0].candidate.name) if self.reports else None
         return {
             "variant": self.variant,
             "mode": self.mode,
@@ -53,61 +147,187 @@ class VariantChoice:
             "shapes": [f"{h}x{w}" for h, w in self.shapes],
             "rounds": self.rounds,
             "threshold": CLEARLY_FASTER,
+            "round": self.work,
+            "load_seconds": {k: round(v, 3) for k, v in self.load_seconds.items()},
+            "candidates": [r.as_dict(own) for r in self.reports],
         }
 
 
-def candidates(
-    own: str, files: dict[str, Path], provider: str, mode: str
-) -> tuple[list[str], str | None]:
-    """The variants to load besides the version's own (`own`, its model.onnx's precision),
-    given the variant files there are, and, when the forced `mode` cannot be had, why."""
-    if mode == "auto":
-        return [p for p in ON_PROVIDER.get(provider, ()) if p in files and p != own], None
-    if mode == own:
-        return [], None
-    if mode in files:
-        return [mode], None
-    return [], f"no {mode} variant in this version: serving its own {own}"
+def challengers(seconds: dict[str, float], own: str, threshold: float = CLEARLY_FASTER) -> list:
+    """The candidates clearly faster than the version's own (at most 1/threshold of its
+    time), fastest first: the order they are checked in until one passes. Pure."""
+    faster = [n for n, s in seconds.items() if n != own and s * threshold <= seconds[own]]
+    return sorted(faster, key=seconds.__getitem__)
 
 
-def choose(
-    seconds: dict[str, float], own: str, threshold: float = CLEARLY_FASTER
-) -> tuple[str, str]:
-    """The variant to serve from measured seconds (lower is faster), and why: the fastest,
-    if it beats the version's own by `threshold`, else the version's own. Pure."""
-    fastest = min(seconds, key=seconds.__getitem__)
-    if fastest == own:
-        return own, f"{own} was fastest"
-    speedup = seconds[own] / seconds[fastest]
-    if speedup >= threshold:
-        return fastest, f"{fastest} took 1/{speedup:.2f} of {own}'s time (>= 1/{threshold:.2f})"
-    return own, (
-        f"{fastest} took 1/{speedup:.2f} of {own}'s time, under the 1/{threshold:.2f} that "
-        f"would make it worth serving instead"
-    )
+def speed_reason(seconds: dict[str, float], name: str, own: str) -> str:
+    if name == own:
+        return f"{own} was fastest" if min(seconds, key=seconds.__getitem__) == own else own
+    return f"{name} took 1/{seconds[own] / seconds[name]:.2f} of {own}'s time"
+
+
+def not_clearly_faster(seconds: dict[str, float], name: str, own: str) -> str:
+    speedup = seconds[own] / seconds[name]
+    if speedup < 1:
+        return f"took {1 / speedup:.2f}x {own}'s time"
+    return f"took 1/{speedup:.2f} of {own}'s time, under the 1/{CLEARLY_FASTER:.2f} that would make it worth serving"
+
+
+# -- what one timed round runs -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Work:
+    """One timed round: each warm-up shape alone, a shape no candidate has seen (a runtime
+    that compiles per shape pays it here, every round anew), and a batch as the batcher forms
+    them (several images of one warm-up shape)."""
+
+    shapes: tuple[tuple[int, int], ...]
+    batch: tuple[int, tuple[int, int]] | None  # (images, shape)
+
+    @classmethod
+    def plan(
+        cls, shapes: Sequence[tuple[int, int]], max_batch: int, batch_pixels: int | None
+    ) -> Work:
+        """The batch: the largest warm-up shape of which at least two fit the batch pixel
+        bound, as many as fit (at most `max_batch`)."""
+        batch = None
+        for h, w in sorted(shapes, key=lambda s: s[0] * s[1], reverse=True):
+            n = min(max_batch, (batch_pixels or max_batch * h * w) // (h * w))
+            if n >= 2:
+                batch = (n, (h, w))
+                break
+        return cls(tuple(shapes), batch)
+
+    def unseen(self, round_: int) -> tuple[int, int]:
+        """A shape none of the warm-up shapes is, new in every round."""
+        h, w = self.shapes[0]
+        shape = (h + 10 + 6 * round_, w + 14 + 6 * round_)
+        while shape in self.shapes:
+            shape = (shape[0] + 1, shape[1])
+        return shape
+
+    def runs(self, round_: int) -> list[tuple[str, list[np.ndarray]]]:
+        runs = [(f"{h}x{w}", [np.zeros((h, w, 3), np.uint8)]) for h, w in self.shapes]
+        h, w = self.unseen(round_)
+        runs.append((f"{h}x{w} (unseen)", [np.zeros((h, w, 3), np.uint8)]))
+        if self.batch is not None:
+            n, (h, w) = self.batch
+            runs.append((f"{n} x {h}x{w}", [np.zeros((h, w, 3), np.uint8)] * n))
+        return runs
+
+    def describe(self) -> list[str]:
+        return [name for name, _ in self.runs(0)]
+
+
+@dataclass
+class Timing:
+    seconds: dict[str, float]  # median over the rounds each candidate ran
+    runs: dict[str, list[tuple[int, float]]]  # (pixels, seconds) of every timed run
+    rounds: int
+    dropped: dict[str, int] = field(default_factory=dict)  # timed no more after round N
 
 
 def time_rounds(
-    runners: dict[str, Callable[[np.ndarray], object]],
-    shapes: Sequence[tuple[int, int]],
+    runners: dict[str, Callable[[list[np.ndarray]], object]],
+    work: Work,
     rounds: int,
+    own: str,
+    budget_s: float = float("inf"),
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
-    """Each runner on a zero image of every shape, in `rounds` alternating rounds (so that
-    what the machine does meanwhile falls on all of them alike). Returns the median over
-    rounds of each runner's seconds for all shapes, and each runner's (pixels, seconds) of
-    every timed run (what a cost model learns from). The runners are warm already."""
-    images = [np.zeros((h, w, 3), np.uint8) for h, w in shapes]
+) -> Timing:
+    """Each runner (warm already) on a round's work, in alternating rounds (what the machine
+    does meanwhile falls on all alike). After the first round, runners HOPELESS times slower
+    than `own` are timed no more; a round that would take the total past `budget_s` is not
+    started (one round always runs)."""
     totals: dict[str, list[float]] = {name: [] for name in runners}
     runs: dict[str, list[tuple[int, float]]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    active = list(runners)
+    dropped: dict[str, int] = {}
+    started, done = clock(), 0
+    for round_ in range(rounds):
+        elapsed = clock() - started
+        if done and elapsed + elapsed / done > budget_s:  # another round of the same cost
+            break
+        inputs = work.runs(round_)
+        for name in active:
             total = 0.0
-            for image in images:
+            for _, images in inputs:
                 t0 = clock()
-                run(image)
+                runners[name](images)
                 took = clock() - t0
                 total += took
-                runs[name].append((image.shape[0] * image.shape[1], took))
+                runs[name].append((sum(im.shape[0] * im.shape[1] for im in images), took))
             totals[name].append(total)
-    return {name: statistics.median(t) for name, t in totals.items()}, runs
+        done += 1
+        if done == 1 and own in active:
+            for name in [n for n in active if n != own]:
+                if totals[name][0] >= HOPELESS * totals[own][0]:
+                    active.remove(name)
+                    dropped[name] = 1
+    seconds = {name: statistics.median(t) for name, t in totals.items() if t}
+    return Timing(seconds, runs, done, dropped)
+
+
+# -- the check on the check set ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    agreement: float
+    mean_iu: float
+    reference_mean_iu: float
+    low_classes: list[str]
+    passed: bool
+    reason: str
+
+
+def check_labels(
+    reference: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    truth: Sequence[np.ndarray],
+    class_names: list[str],
+    class_floor: float | None,
+    min_agreement: float,
+    max_mean_iu_drop: float,
+) -> Check:
+    """A candidate's labels on the check set against the version's own (`reference`) and
+    the truth: pixels that keep their label, mean IU of each, classes under the floor."""
+    same = sum(int((a == b).sum()) for a, b in zip(reference, labels, strict=True))
+    total = sum(a.size for a in reference)
+    agreement = same / max(total, 1)
+    ious = []
+    for predicted in (reference, labels):
+        matrix = ConfusionMatrix(len(class_names))
+        for p, t in zip(predicted, truth, strict=True):
+            matrix.update(p, t)
+        scores = segmentation_scores(matrix.matrix)
+        ious.append((scores["mean_iu"], scores["per_class_iu"]))
+    (ref_iu, _), (mean_iu, per_class) = ious
+    ref_iu, mean_iu = (0.0 if np.isnan(v) else float(v) for v in (ref_iu, mean_iu))
+    low = []
+    if class_floor is not None:
+        low = [
+            f"{name} {iu:.3f}"
+            for name, iu in zip(class_names, per_class, strict=True)
+            if not np.isnan(iu) and iu < class_floor
+        ]
+    problems = []
+    if agreement < min_agreement:
+        problems.append(
+            f"{agreement:.4%} of pixels keep float32's label ({min_agreement:.1%} needed)"
+        )
+    if mean_iu < ref_iu - max_mean_iu_drop:
+        problems.append(
+            f"mean IU {mean_iu:.4f} against float32's {ref_iu:.4f} (at most {max_mean_iu_drop} lower)"
+        )
+    if low:
+        problems.append(f"classes under the floor of {class_floor}: {', '.join(low)}")
+    if problems:
+        reason = "failed its check on the check set: " + "; ".join(problems)
+    else:
+        reason = (
+            f"checked: {agreement:.4%} of {total:,} check-set pixels keep float32's label, "
+            f"mean IU {mean_iu:.4f} (float32 {ref_iu:.4f})"
+        )
+    return Check(agreement, mean_iu, ref_iu, low, not problems, reason)

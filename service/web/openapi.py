@@ -91,22 +91,49 @@ class ModelScale(BaseModel):
     halo: int = Field(description="native: px of context each tile brings around what it keeps")
 
 
-class VariantChoice(BaseModel):
-    """Which arithmetic serves this version, and how that was decided on this machine."""
+class Candidate(BaseModel):
+    """One runtime x arithmetic a version could serve with on this machine."""
 
-    variant: str = Field(description="the variant that serves: float32, float16 or int8")
-    mode: str = Field(description="auto (measured here) or the variant the setting forced")
+    name: str = Field(description="float32, int8, openvino-float32, openvino-bf16, ...")
+    runtime: str = Field(description="onnxruntime or openvino")
+    arithmetic: str = Field(description="what it computes in: float32, bf16, int8, float16")
+    file: str = Field(description="the file it runs: model.onnx or a variant beside it")
+    verdict: str = Field(
+        description="serving; slower (timed, not clearly faster than what serves); refused "
+        "(failed its check on the check set, did not load or run, or may not serve "
+        "unchecked); stale (a variant file made from another model.onnx: never run); "
+        "unavailable (this CPU lacks the arithmetic); skipped (another was forced)"
+    )
+    reason: str
+    seconds: float | None = Field(description="median seconds of one timed round (None: untimed)")
+    speedup: float | None = Field(description="the version's own seconds over these")
+    agreement: float | None = Field(
+        description="share of check-set pixels with float32's label (None: not checked)"
+    )
+    mean_iu: float | None = Field(description="on the check set (None: not checked)")
+
+
+class VariantChoice(BaseModel):
+    """Which runtime and arithmetic serve this version, and how that was decided here."""
+
+    variant: str = Field(description="the candidate that serves, e.g. float32 or openvino-bf16")
+    mode: str = Field(description="auto (measured here) or the candidate the setting forced")
     reason: str
     seconds: dict[str, float] = Field(
-        description="median over rounds of each variant's seconds for all the shapes (the "
-        "warm-up shapes)"
+        description="median over rounds of each timed candidate's seconds for one round"
     )
-    shapes: list[str]
+    shapes: list[str] = Field(description="the warm-up shapes")
     rounds: int
     threshold: float = Field(
-        description="another variant serves only when the version's own takes this many "
+        description="another candidate serves only when the version's own takes this many "
         "times as long"
     )
+    round: list[str] = Field(
+        description="what one timed round runs: each warm-up shape, a shape new to every "
+        "candidate in each round, a batch as the batcher forms them"
+    )
+    load_seconds: dict[str, float] = Field(description="what timing and checking cost at load")
+    candidates: list[Candidate]
 
 
 class ModelSummary(BaseModel):
@@ -114,14 +141,16 @@ class ModelSummary(BaseModel):
     version: int = Field(description="the version answering by default: the newest")
     versions: list[int]
     architecture: str
-    provider: str = Field(description="the onnxruntime execution provider it runs on")
+    provider: str = Field(description="the device it runs on: cpu, cuda or tensorrt")
     ready: bool
     classes: list[ClassColor]
     input: ModelInput
     output: str = Field(description="labels (argmax in the graph) or logits")
     scale: ModelScale
-    variant: str = Field(description="the arithmetic that serves: float32, float16 or int8")
-    variants: list[str] = Field(description="the variants this version has on disk")
+    variant: str = Field(
+        description="the runtime x arithmetic that serves: float32, int8, openvino-bf16, ..."
+    )
+    variants: list[str] = Field(description="the variant files this version has on disk")
     variant_choice: VariantChoice
 
 
