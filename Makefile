@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
 
-.PHONY: setup tools run test test-slow test-images test-fleet lock screenshots lint bootstrap bench-peers clean
+.PHONY: setup tools run test test-slow test-images test-fleet lock screenshots lint bootstrap bench-peers bench-paper bench-auto clean
 
 # torch and torchvision go through pip on their own, pinned: pip takes them from this
 # machine's disk; the rest of the project installs with its train and dev extras.
@@ -86,6 +86,18 @@ lint: setup
 bench-peers: setup
 	$(VENV)/bin/segserve init --repository $(REPOSITORY)
 	$(PY) -m bench.peers --repository $(REPOSITORY) --model unet-shapes --out docs/bench
+
+# FCN-8s (untrained weights: speed only) served at 500x375 once per candidate runtime x
+# arithmetic and with auto, beside the paper's 175 ms (docs/benchmarks.md). Exports and
+# quantizes it once under .bench/paper; about 20 minutes on two AVX2 cores.
+bench-paper: setup
+	$(PY) -m bench.paper_speed --work .bench/paper --out docs/bench
+
+# The shipped model served with SEGSERVE_VARIANT=auto against float32, alternating, mixed
+# sizes at concurrency 8, and what each scores on fresh images (docs/benchmarks.md). About
+# 8 minutes.
+bench-auto: setup
+	$(PY) -m bench.auto_speed --out docs/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

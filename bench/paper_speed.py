@@ -24,17 +24,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
-
+from bench.serving import serving
 from segserve import loadgen
 from segserve.training.provenance import cpu_name
 
-ROOT = Path(__file__).resolve().parent.parent
 NAME = "fcn8s-voc"
 PAPER_MS = 175
 SIZE = (375, 500)  # H, W
@@ -81,31 +77,17 @@ def build(work: Path) -> Path:
 
 
 def serve_and_measure(repo: Path, variant: str, duration: float, log: Path) -> dict:
-    port = 18500 + os.getpid() % 500
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SEGSERVE_VARIANT": variant, "SEGSERVE_REPOSITORY_POLL_S": "0"}
-    cmd = [sys.executable, "-m", "segserve.cli", "serve", "--repository", str(repo)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], cwd=ROOT, env=env, stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        loadgen.wait_until_up(f"{url}/readyz", proc, 1800, log)
-        ready_s = time.perf_counter() - t0
-        detail = httpx.get(f"{url}/models/{NAME}", timeout=30).json()
+    with serving(repo, {"SEGSERVE_VARIANT": variant}, log) as server:
+        detail = server.detail(NAME)
         images = loadgen.synthetic_images([SIZE], per_size=4)
-        target = loadgen.Target(url)
+        target = loadgen.Target(server.url)
         c1, c4 = loadgen.bench(target, [1, 4], duration, images, progress=False)
-    finally:
-        proc.terminate()
-        proc.wait(120)
     choice = detail["variant_choice"]
     return {
         "setting": variant,
         "serving": detail["variant"],
         "reason": choice["reason"],
-        "ready_s": round(ready_s, 1),
+        "ready_s": round(server.ready_s, 1),
         "load_seconds": choice["load_seconds"],
         "candidates": choice["candidates"],
         "c1": {"p50_ms": c1.p50_ms, "p99_ms": c1.p99_ms, "requests": c1.ok, "errors": c1.errors},

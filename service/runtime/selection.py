@@ -298,9 +298,10 @@ def select_variant(
             report.verdict = SLOWER
             if name in seconds and serving in seconds:
                 report.reason = (
-                    not_clearly_faster(seconds, name, own_name)
-                    if serving == own_name
-                    else f"{serving} is faster"
+                    f"{serving} is faster"
+                    if name == own_name
+                    or (serving != own_name and seconds[name] < seconds[own_name])
+                    else not_clearly_faster(seconds, name, own_name)
                 )
             else:
                 report.reason = f"{serving} serves (the setting)"
@@ -344,7 +345,7 @@ def _reason(
     ]
     if mode != "auto":
         if serving == mode:
-            return f"variant={mode} (the setting); {passed}"
+            return f"variant={mode} (the setting)" + (f"; {passed}" if passed else "")
         why = reports[mode].reason if mode in reports else "no such candidate in this version"
         verdict = reports[mode].verdict if mode in reports else "absent"
         return f"variant={mode} (the setting) is {verdict}: {why}; serving its own {own}"

@@ -145,6 +145,13 @@ def test_the_cpu_image_serves_read_only_as_a_non_root_user_without_capabilities(
         timeout=60,
     )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    # The image carries OpenVINO (the openvino extra), and it runs on a read-only root: its
+    # float32 candidate was compiled and timed beside onnxruntime's.
+    detail = httpx.get(url + "/models/tiny", headers={"Authorization": "Bearer key"}, timeout=10)
+    choice = detail.json()["variant_choice"]
+    candidates = {c["name"]: c for c in choice["candidates"]}
+    assert candidates["openvino-float32"]["seconds"] > 0, candidates
+    report(cpu_variant_choice=choice)
     health = docker("inspect", "-f", "{{.State.Health.Status}}", name, check=False).stdout.strip()
     assert health in ("starting", "healthy")  # the image's HEALTHCHECK on /healthz
     assert docker("exec", name, "python3", "-c", "import torch", check=False).returncode != 0
