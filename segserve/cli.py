@@ -611,11 +611,26 @@ def add_variant_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from(args: argparse.Namespace):
-    """SEGSERVE_* settings, with the command line's --variant over them."""
+def load_settings(**overrides):
+    """The service's settings (SEGSERVE_* variables, `overrides` over them); a setting that
+    is wrong is a UserError naming it, not a traceback."""
+    from pydantic import ValidationError
+
     from segserve.service.settings import Settings
 
-    return Settings(**({"variant": args.variant} if args.variant else {}))
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise UserError(f"invalid settings: {problems}") from None
+
+
+def settings_from(args: argparse.Namespace):
+    """SEGSERVE_* settings, with the command line's --variant over them."""
+    return load_settings(**({"variant": args.variant} if args.variant else {}))
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -650,13 +665,12 @@ def add_serve(sub: Subcommands) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """Settings also come from SEGSERVE_* environment variables (see README)."""
     from segserve.service.server import serve
-    from segserve.service.settings import Settings
     from segserve.service.telemetry import logs
 
     overrides: dict = {"repository": args.repository} if args.repository is not None else {}
     if args.grpc_port is not None:
         overrides["grpc_port"] = args.grpc_port
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
     logs.configure(settings.log_format)
     serve(settings, args.host, args.port)
     return 0

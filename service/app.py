@@ -15,7 +15,7 @@ from segserve.service.pipeline import InferenceService
 from segserve.service.settings import Settings
 from segserve.service.telemetry.tracing import Tracing
 from segserve.service.web.handlers import install_error_handlers
-from segserve.service.web.middleware import RequestMiddleware
+from segserve.service.web.middleware import BodyLeases, RequestMiddleware
 from segserve.service.web.routes import catalog, docs, health, page, segment, v2
 
 
@@ -57,6 +57,8 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
         openapi_url=None,
     )
     app.state.service = service
+    # Added first, so it runs inside RequestMiddleware (whose clock and id it uses).
+    app.add_middleware(BodyLeases, lease=service.body_lease)
     app.add_middleware(
         RequestMiddleware,
         metrics=service.metrics,

@@ -5,7 +5,10 @@ The budget bounds the memory requests hold (decoded pixels, labels, encoders' bu
 whatever sizes they declare. Decoding runs in worker threads, which must never block
 waiting for budget (the requests holding it need those threads to finish): a thread only
 *tries* to take budget, and a request that gets none waits on the event loop, in arrival
-order, then tries again.
+order, then tries again. A small image (at most SMALL_PIXELS) is not made to wait behind
+large ones that wait for room: it takes what is free (measured: behind a crowd of 16 MP
+uploads a 256x256 image waited 2.8 s in line; docs/benchmarks.md, "Memory under a crowd of
+uploads"), which delays a large one by a small one's run at most.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class RequestLimits:
             )
 
 
+SMALL_PIXELS = 1_000_000  # a photo: passes large requests waiting for room
+
+
 class PixelBudget:
     def __init__(self, total: int) -> None:
         self.total = total
@@ -63,9 +69,9 @@ class PixelBudget:
         self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = deque()
 
     def try_take(self, n: int) -> bool:
-        """Take `n` if free and nobody waits before us (any thread)."""
+        """Take `n` if free and nobody waits before us, or `n` is small (any thread)."""
         with self._lock:
-            if self._waiters or self.used + n > self.total:
+            if (self._waiters and n > SMALL_PIXELS) or self.used + n > self.total:
                 return False
             self.used += n
             return True

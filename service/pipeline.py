@@ -17,7 +17,8 @@ import numpy as np
 
 from segserve.service.batching.batcher import DeadlineExceeded, Rejected
 from segserve.service.errors import NOT_READY, ServiceError
-from segserve.service.limits import Lease, PixelBudget, RequestLimits
+from segserve.service.intake import BodyBudget, BodyLease
+from segserve.service.limits import SMALL_PIXELS, Lease, PixelBudget, RequestLimits
 from segserve.service.media.imaging import (
     ImageDecodeError,
     ImageTooLarge,
@@ -97,12 +98,21 @@ class InferenceService:
         self.tracing = tracing or Tracing()
         self.registry = ModelRegistry(settings, self.metrics, self.tracing)
         self.budget = PixelBudget(settings.max_inflight_pixels)
+        # Request bodies being received or held, HTTP and gRPC together (service/intake.py).
+        self.bodies = BodyBudget(
+            settings.max_inflight_body_bytes, self.metrics.inflight_body_bytes.set
+        )
+        self.metrics.body_budget_bytes.set(settings.max_inflight_body_bytes)
         self.shadow = Shadow(settings, self.registry, self.budget, self.metrics)
         self.limits = RequestLimits(
             settings.max_images_per_request,
             settings.max_image_pixels,
             settings.max_request_pixels,
         )
+
+    def body_lease(self) -> BodyLease:
+        """A request's share of the body budget (the caller releases it when it ends)."""
+        return BodyLease(self.bodies, self.settings.body_wait_s)
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Lease]:
@@ -140,11 +150,20 @@ class InferenceService:
         """Encoded images (one request's) to the model's input: one worker hop, two when the
         request had to wait for pixel budget."""
         plan = plan or self.scale_plan(model)
-        try:
-            return await asyncio.to_thread(self._decode_sync, blobs, model, timings, lease, plan)
-        except _NoBudget as short:
-            await self._take(lease, short.pixels, timings)
-        return await asyncio.to_thread(self._decode_sync, blobs, model, timings, lease, plan)
+        checked = False
+        while True:
+            try:
+                return await asyncio.to_thread(
+                    self._decode_sync, blobs, model, timings, lease, plan, checked
+                )
+            except _CheckFirst as large:  # would the model take it? Before it is decoded.
+                try:
+                    model.batcher.check(large.work, timings.deadline + large.extra_s)
+                except Rejected as exc:
+                    raise _refused(exc) from exc
+                checked = True
+            except _NoBudget as short:
+                await self._take(lease, short.pixels, timings)
 
     def _decode_sync(
         self,
@@ -153,12 +172,15 @@ class InferenceService:
         timings: Timings,
         lease: Lease,
         plan: ScalePlan,
+        checked: bool = False,
     ) -> list[DecodedImage]:
         """Decode in one worker thread. Headers first: the request's pixels must fit its
         limits and the budget before any pixel is decoded; when the budget has no room now,
         _NoBudget says how much is missing (the caller waits for it on the event loop, not
-        in this thread, and calls again). Native images decode at their own size, fit ones
-        straight to their working size."""
+        in this thread, and calls again). Work larger than a small image goes back to the
+        event loop first (_CheckFirst) to ask the batcher whether it would be admitted: a
+        request refused anyway is refused before its decode's CPU is spent. Native images
+        decode at their own size, fit ones straight to their working size."""
         s = self.settings
         fit = plan.fit_pixels if plan.policy == "fit" else None
         try:
@@ -167,9 +189,12 @@ class InferenceService:
                 sizes = [(p.height, p.width) for _, p in opened]
                 self.limits.check_pixels(sizes)
                 pixels = sum(h * w for h, w in sizes)
+                work = _work(sizes, plan)
+                if not checked and sum(work) > SMALL_PIXELS:
+                    raise _CheckFirst(work, self._extra_time(sizes, plan))
                 if lease.held < pixels and not lease.try_take(pixels - lease.held):
                     raise _NoBudget(pixels - lease.held)
-                self._allow_time(sizes, plan, timings)
+                timings.extend(self._extra_time(sizes, plan))
                 decoded = [decode_opened(im, probe, fit, s.formats) for im, probe in opened]
         except ImageTooLarge as exc:
             raise ServiceError(413, str(exc), reason="too_many_pixels") from exc
@@ -194,8 +219,14 @@ class InferenceService:
         plan = plan or self.scale_plan(model)
         n, h, w = arrays.shape[:3]
         self.limits.check_pixels([(h, w)] * n)
+        try:  # refused before its pixels are taken and prepared, if the model would refuse it
+            model.batcher.check(
+                _work([(h, w)] * n, plan), timings.deadline + self._extra_time([(h, w)] * n, plan)
+            )
+        except Rejected as exc:
+            raise _refused(exc) from exc
         await self._take(lease, n * h * w, timings)
-        self._allow_time([(h, w)] * n, plan, timings)
+        timings.extend(self._extra_time([(h, w)] * n, plan))
         fit_h, fit_w = plan.inference_size((h, w))
         return await asyncio.to_thread(
             lambda: [
@@ -204,11 +235,11 @@ class InferenceService:
             ]
         )
 
-    def _allow_time(self, sizes: list[tuple[int, int]], plan: ScalePlan, timings: Timings) -> None:
-        """A large image's deadline: `timeout_s_per_megapixel` more per megapixel the
-        network sees past the first."""
+    def _extra_time(self, sizes: list[tuple[int, int]], plan: ScalePlan) -> float:
+        """What a large image adds to its deadline: `timeout_s_per_megapixel` per megapixel
+        the network sees past the first."""
         megapixels = sum(h * w for h, w in map(plan.inference_size, sizes)) / 1e6
-        timings.extend(self.settings.timeout_s_per_megapixel * max(0.0, megapixels - 1.0))
+        return self.settings.timeout_s_per_megapixel * max(0.0, megapixels - 1.0)
 
     def _prepare(
         self,
@@ -406,10 +437,13 @@ class InferenceService:
         return ServiceError(500, f"the model failed on this input: {type(exc).__name__}: {exc}")
 
     def _deadline_error(self) -> ServiceError:
+        # A deadline passes when the server is busier than the request could wait for: a
+        # client may try again later, as after a 503.
         return ServiceError(
             504,
             f"no result within the {self.settings.request_timeout_s} s deadline",
             reason="deadline",
+            headers={"Retry-After": "1"},
         )
 
     # -- 3. the answer -----------------------------------------------------------------
@@ -455,6 +489,24 @@ class InferenceService:
             return out
 
         return await asyncio.to_thread(work)
+
+
+def _work(sizes: list[tuple[int, int]], plan: ScalePlan) -> list[int]:
+    """The pixels of each run the network will make for images of `sizes`: each tile of a
+    tiled image, each other image whole."""
+    work = []
+    for size in map(plan.inference_size, sizes):
+        grid = plan.grid(size)
+        work += [t.pixels for t in grid.tiles] if grid else [size[0] * size[1]]
+    return work
+
+
+class _CheckFirst(Exception):
+    """Large work: ask the batcher on the event loop before decoding."""
+
+    def __init__(self, work: list[int], extra_s: float) -> None:
+        super().__init__(sum(work))
+        self.work, self.extra_s = work, extra_s
 
 
 class _NoBudget(Exception):

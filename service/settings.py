@@ -171,6 +171,14 @@ class Settings(BaseSettings):
     # 503 at its deadline. Above max_image_pixels, so that small requests still find room
     # beside the largest image allowed.
     max_inflight_pixels: int = Field(48_000_000, ge=1)
+    # Bytes of request bodies being received and held at once, HTTP and gRPC together
+    # (service/intake.py): a request takes its declared length (a gRPC message the most it
+    # may be while it arrives) before its body is read, or waits for room at most
+    # `body_wait_s` (never past half its time), then 503 with Retry-After, its body unread.
+    # 256 MiB: a dozen bodies of the 20 MiB limit at once; with the pixel budget's images
+    # and a model, a replica stays near 1 GiB under any crowd of uploads (docs/operations.md).
+    max_inflight_body_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    body_wait_s: float = Field(5.0, ge=0)
 
     # -- who may call what -----------------------------------------------------------------
     # With an API key: /segment, /models, /v2 (but /v2/health) and, unless public, /docs and
@@ -223,7 +231,22 @@ class Settings(BaseSettings):
     def _budgets_fit(self) -> Settings:
         if self.max_inflight_pixels < self.max_image_pixels:
             raise ValueError("max_inflight_pixels must be at least max_image_pixels")
+        if self.max_inflight_body_bytes < 2 * self.max_body_bytes:
+            # A gRPC message takes twice its most while it arrives (service/protocols).
+            raise ValueError("max_inflight_body_bytes must be at least twice max_body_bytes")
         return self
+
+    @field_validator("api_key", "metrics_token")
+    @classmethod
+    def _not_empty(cls, value: str | None, info) -> str | None:
+        # Set but empty is a mistake (a variable exported from an unset one, a secret that
+        # came out empty): served openly it would be a hole, refusing every call a mystery.
+        if value is not None and not value.strip():
+            name = f"SEGSERVE_{info.field_name.upper()}"
+            raise ValueError(
+                f"{name} is set but empty: give it a value, or unset it to serve without one"
+            )
+        return value
 
     @property
     def runtime_names(self) -> tuple[str, ...] | None:

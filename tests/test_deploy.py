@@ -160,7 +160,7 @@ def test_every_way_to_run_the_image_exposes_its_grpc_port_and_leaves_tracing_off
         assert re.search(r"^\s+SEGSERVE_GRPC_PORT=8001 ", text, re.M), name
         assert re.search(r"^EXPOSE 8000 8001$", text, re.M), name
     cpu = (DOCKER / "Dockerfile.cpu").read_text()
-    assert '"/src[grpc,tracing]"' in cpu
+    assert '"/src[grpc,tracing,openvino]"' in cpu
     lock = (DOCKER / "requirements-serve.txt").read_text()
     for dist in ("grpcio", "grpcio-health-checking", "opentelemetry-sdk",
                  "opentelemetry-exporter-otlp-proto-http"):  # fmt: skip
@@ -334,7 +334,7 @@ def test_the_lock_pins_every_serving_dependency_and_the_extras_the_images_carry(
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    needed = [*project["dependencies"], *extras["grpc"], *extras["tracing"]]
+    needed = [*project["dependencies"], *extras["grpc"], *extras["tracing"], *extras["openvino"]]
     lock = (DOCKER / "requirements-serve.txt").read_text()
     pins = {norm(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.M)}
     for line in needed:
@@ -701,3 +701,21 @@ def test_a_stopped_segserve_fires_target_down_and_it_reaches_the_receiver(stack)
     )
     assert message["status"] == "firing"
     assert message["alerts"][0]["annotations"]["runbook"].endswith("#segservetargetdown")
+
+
+def test_the_shipped_haproxy_config_is_valid_and_fits_a_replica_s_limits():
+    """deploy/haproxy: haproxy itself checks it; a replica's connections are capped at its
+    queue's length (more would wait to be refused), requests wait in haproxy's queue no
+    longer than their own deadline, and the health check is the readiness probe."""
+    from segserve.service.settings import Settings
+
+    haproxy = require_tool("haproxy", "`make tools` installs Debian's haproxy")
+    config = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+    checked = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    text, defaults = config.read_text(), Settings.model_fields
+    maxconn = int(re.search(r"^\s+default-server .*\bmaxconn (\d+)", text, re.M)[1])
+    assert maxconn == defaults["max_queue"].default
+    queue_s = int(re.search(r"^\s+timeout queue (\d+)s", text, re.M)[1])
+    assert queue_s <= defaults["request_timeout_s"].default
+    assert "option httpchk GET /readyz" in text

@@ -175,19 +175,3 @@ def test_grpc_is_off_unless_a_port_is_set_and_off_or_empty_turn_it_off(monkeypat
     monkeypatch.setenv("SEGSERVE_GRPC_PORT", "80O1")
     with pytest.raises(ValueError, match="grpc_port"):
         Settings()
-
-
-def test_an_empty_api_key_refuses_over_grpc_as_over_http(tiny_repository, tmp_path):
-    """SEGSERVE_API_KEY="" is a key no client can send: HTTP refuses every call, and gRPC
-    must not serve them openly instead."""
-    from helpers import free_port, run_server
-
-    grpc_port = free_port()
-    with run_server(tiny_repository, tmp_path, api_key="", grpc_port=grpc_port) as server:
-        with server.client() as c:
-            assert c.post("/segment", content=image_bytes(16, 16)).status_code == 401
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-        for headers in ({}, {"authorization": "Bearer "}):
-            with pytest.raises(InferenceServerException) as refused:
-                client.is_model_ready("tiny", headers=headers)
-            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"

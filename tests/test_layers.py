@@ -25,6 +25,7 @@ RANKS = {
     "pipeline": 2,
     "shadow": 2,
     "limits": 2,
+    "intake": 2,
     "runtime": 3,
     "media": 3,
     "batching": 3,

@@ -1,10 +1,10 @@
-"""The in-flight pixel budget: never over its total, waiters served in arrival order, worker
-threads never blocked on it."""
+"""The in-flight pixel budget: never over its total, waiters served in arrival order (small
+images excepted), worker threads never blocked on it."""
 
 import asyncio
 import threading
 
-from segserve.service.limits import Lease, PixelBudget
+from segserve.service.limits import SMALL_PIXELS, Lease, PixelBudget
 
 
 def test_takes_fit_the_total_and_come_back():
@@ -15,27 +15,33 @@ def test_takes_fit_the_total_and_come_back():
     assert budget.used == 40 and budget.try_take(60)
 
 
-def test_waiters_are_served_in_arrival_order_and_newcomers_do_not_jump_the_line():
+def test_waiters_are_served_in_arrival_order_and_only_small_newcomers_pass_them():
+    """A large newcomer waits behind those already waiting; a small image (a photo) takes
+    what is free at once, beside a line of large ones."""
+    small_limit = SMALL_PIXELS
+
     async def main():
-        budget = PixelBudget(100)
-        assert budget.try_take(90)
+        budget = PixelBudget(4 * small_limit)
+        assert budget.try_take(int(3.5 * small_limit))
         order = []
 
         async def waiter(name, n):
             assert await budget.take(n, timeout=10)
             order.append(name)
 
-        big = asyncio.ensure_future(waiter("big", 80))
+        big = asyncio.ensure_future(waiter("big", 2 * small_limit))
         await asyncio.sleep(0)  # the big one queues first
-        small = asyncio.ensure_future(waiter("small", 5))
+        medium = asyncio.ensure_future(waiter("medium", int(1.2 * small_limit)))
         await asyncio.sleep(0)
-        assert not budget.try_take(5)  # 10 are free, but two wait before this one
-        budget.give_back(90)
-        await asyncio.gather(big, small)
+        assert not budget.try_take(int(0.45 * small_limit) + small_limit)  # large: in line
+        assert budget.try_take(int(0.4 * small_limit))  # small: free room, taken now
+        assert not budget.try_take(int(0.2 * small_limit))  # but never past the total
+        budget.give_back(int(3.5 * small_limit))
+        await asyncio.gather(big, medium)
         return order, budget.used
 
     order, used = asyncio.run(main())
-    assert order == ["big", "small"] and used == 85
+    assert order == ["big", "medium"] and used == int(3.6 * small_limit)
 
 
 def test_a_waiter_gives_up_at_its_timeout_and_leaves_the_line():

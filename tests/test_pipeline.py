@@ -129,3 +129,28 @@ def test_a_request_waits_for_pixel_budget_and_gets_503_at_its_deadline(tiny_repo
     refused, image = serve(tiny_repository, steps, max_inflight_pixels=40_000_000)
     assert refused.status == 503 and refused.reason == "pixel_budget"
     assert image.size == (20, 20)
+
+
+def test_large_work_the_model_would_refuse_is_refused_before_it_is_decoded(tiny_repository):
+    """A 16 MP image whose tiles the batcher predicts past a 1 s deadline: 503 (overloaded)
+    while only its header was read; its pixels never taken from the budget, never decoded."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 4000), (90, 120, 30)).save(buf, "PNG")  # small file, 16 MP
+
+    async def steps(svc):
+        model, timings = svc.registry.get(None), Timings(1.0)
+        decoded = []
+        real = svc._prepare
+        svc._prepare = lambda *a: decoded.append(a) or real(*a)
+        async with svc.lease() as lease:
+            with pytest.raises(ServiceError) as refused:
+                await svc.decode([buf.getvalue()], model, timings, lease)
+            held = lease.held
+        return refused.value, decoded, held, timings
+
+    error, decoded, held, timings = serve(
+        tiny_repository, steps, timeout_s_per_megapixel=0, tile_size=320
+    )
+    assert error.status == 503 and error.reason == "overloaded", error.detail
+    assert decoded == [] and held == 0
+    assert timings.seconds[Stage.DECODE] < 0.5  # the header, not 16 MP of pixels

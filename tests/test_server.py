@@ -344,3 +344,16 @@ def test_a_provider_named_but_missing_stops_the_server_and_auto_says_which_it_ru
     with run_server(tiny_repository, tmp_path, providers="auto") as server:
         ready = httpx.get(server.url + "/readyz").json()
         assert ready["providers"] == ["cpu"]
+
+
+@pytest.mark.parametrize("name", ["API_KEY", "METRICS_TOKEN"])
+def test_a_key_set_but_empty_stops_the_server_at_start_and_says_which(tiny_repository, name):
+    """SEGSERVE_API_KEY="" (a variable exported from an unset one) would either serve openly
+    or refuse every call: the server does neither, it does not start, and says why."""
+    command = [sys.executable, "-m", "segserve.cli", "serve", "--repository", str(tiny_repository),
+               "--port", str(free_port())]  # fmt: skip
+    env = {**os.environ, f"SEGSERVE_{name}": ""}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert f"SEGSERVE_{name} is set but empty: give it a value, or unset it" in done.stderr
+    assert "Traceback" not in done.stderr

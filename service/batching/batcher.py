@@ -260,6 +260,11 @@ class Batcher:
         self._streams.add(stream)
         return stream
 
+    def check(self, pixels: list[int], deadline: float) -> None:
+        """Raise Rejected unless work of `pixels` (a submitter's jobs, streamed) would be
+        admitted now; nothing is queued. Lets a caller refuse before costly preparation."""
+        self._admit(pixels[:1], pixels, deadline, behind_streams=True)
+
     def _admit(
         self, first: list[int], pixels: list[int], deadline: float, behind_streams: bool = False
     ) -> None:

@@ -49,13 +49,21 @@ STATUS = {
 }
 
 
+def _forget_frames(exc: BaseException | None) -> None:
+    """Drop the tracebacks of an error and the errors behind it: they hold the frames of the
+    call, whose locals hold its message."""
+    while exc is not None:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 def answering(method: Callable) -> Callable:
     """A servicer method whose ServiceErrors become gRPC statuses (and metrics)."""
 
     @wraps(method)
     async def run(self: InferenceServicer, request, context: grpc.aio.ServicerContext):
         t0 = time.perf_counter()
-        status, model = 200, getattr(request, "model_name", "") or getattr(request, "name", "")
+        status = 200
         try:
             return await method(self, request, context)
         except ServiceError as exc:
@@ -65,14 +73,40 @@ def answering(method: Callable) -> Callable:
             trailers = tuple((k.lower(), v) for k, v in (exc.headers or {}).items())
             if trailers:
                 context.set_trailing_metadata(trailers)
+            # abort() raises in its turn, with this error as its context: without their
+            # tracebacks the frames of the call (holding a 20 MB message) are not kept alive
+            # in grpc.aio's reference cycles until a full garbage collection.
+            _forget_frames(exc)
             await context.abort(STATUS.get(exc.status, grpc.StatusCode.INTERNAL), exc.detail)
         finally:
+            model = getattr(request, "model_name", "") or getattr(request, "name", "")
             route = f"/{SERVICE_NAME}/{method.__name__}"
             metrics = self.service.metrics
             metrics.requests.labels(model or "-", route, str(status)).inc()
             metrics.request_duration.labels(model or "-", route).observe(time.perf_counter() - t0)
 
     return run
+
+
+class OneMessage:
+    """The one ModelInferRequest of a call, read when asked for; its model names the call
+    in the metrics once read."""
+
+    def __init__(self, requests) -> None:
+        self.requests, self.model_name = requests, ""
+
+    async def read(self) -> pb.ModelInferRequest:
+        messages = aiter(self.requests)
+        request = await anext(messages, None)
+        # Closed, not left suspended: a suspended generator holds its last message (20 MB)
+        # until a full garbage collection (measured: 100 such calls, 12 at a time, peaked at
+        # 1.5 GB left open, 0.5 GB closed).
+        if hasattr(messages, "aclose"):
+            await messages.aclose()
+        if request is None:
+            raise open_inference.bad("the call brought no ModelInferRequest")
+        self.model_name = request.model_name
+        return request
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -124,8 +158,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(**meta, **tensors)
 
     @answering
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, call: OneMessage, context):
+        """Served as a stream of one message (grpc.aio reads a unary call's message before its
+        method runs; a stream's when it asks): the call takes twice the most a message may be
+        from the body budget before its message is read (while it arrives it is held twice:
+        in the transport's buffers and as the message they are parsed into), or is refused
+        UNAVAILABLE with its message unread; once read, its own size stays taken."""
         self._authorize(context)
+        lease = self.service.body_lease()
+        try:
+            left = context.time_remaining()
+            s = self.service.settings
+            await lease.take(2 * s.max_body_bytes, s.request_timeout_s if left is None else left)
+            request = await call.read()
+            lease.shrink_to(request.ByteSize())
+            return await self._model_infer(request, context)
+        finally:
+            lease.release()
+
+    async def _model_infer(self, request, context):
         service, s = self.service, self.service.settings
         model = self._model(request.model_name, request.model_version)
         timings = Timings(s.request_timeout_s)
@@ -157,6 +208,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request, context, model, timings: Timings):
         service = self.service
         req, binary = as_infer_request(request)
+        request.ClearField("raw_input_contents")  # `binary` holds them now: once, not twice
         tensor = await asyncio.to_thread(open_inference.image_input, req, binary, service.limits)
         scale = req.parameters.scale if req.parameters else None
         plan = service.scale_plan(model, scale)
@@ -218,7 +270,35 @@ def as_infer_request(
         req = open_inference.InferRequest.model_validate(body)
     except ValueError as exc:
         raise open_inference.bad(f"invalid inference request: {exc}") from None
-    return req, b"".join(binary)
+    # One input (the usual case) is its contents as they are: no 20 MB copy.
+    return req, binary[0] if len(binary) == 1 else b"".join(binary)
+
+
+def method_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated stubs' handlers of the service's methods (taken from what the stubs
+    register), ModelInfer's as a stream of one message: see InferenceServicer.ModelInfer."""
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name, handlers) -> None:
+            self.handlers = handlers
+
+    async def model_infer(requests, context):  # a coroutine function, as grpc.aio asks
+        return await servicer.ModelInfer(OneMessage(requests), context)
+
+    capture = Capture()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    generated = capture.handlers["ModelInfer"]
+    return {
+        **capture.handlers,
+        "ModelInfer": grpc.stream_unary_rpc_method_handler(
+            model_infer,
+            request_deserializer=generated.request_deserializer,
+            response_serializer=generated.response_serializer,
+        ),
+    }
 
 
 async def start(
@@ -232,9 +312,15 @@ async def start(
         options=[
             ("grpc.max_receive_message_length", s.max_body_bytes),
             ("grpc.max_send_message_length", s.max_request_pixels + (1 << 20)),
+            # No flow-control window grown ahead of what a call has asked to read: with BDP
+            # probing the transport took in the messages of calls waiting for body budget
+            # anyway (measured: 40 unread 20 MB calls held 359 MB, 41 MB without it).
+            ("grpc.http2.bdp_probe", 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    handlers = method_handlers(InferenceServicer(service))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -108,7 +108,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     return request, binary
 
 
-def _bytes_elements(raw: bytes) -> list[bytes]:
+def _bytes_elements(raw: bytes | memoryview) -> list[bytes]:
     """BYTES tensors in binary form: each element a 4-byte little-endian length, then bytes."""
     items, pos = [], 0
     while pos < len(raw):
@@ -118,7 +118,7 @@ def _bytes_elements(raw: bytes) -> list[bytes]:
         pos += 4
         if pos + n > len(raw):
             raise bad("truncated BYTES tensor")
-        items.append(raw[pos : pos + n])
+        items.append(bytes(raw[pos : pos + n]))
         pos += n
     return items
 
@@ -141,7 +141,8 @@ def image_input(
         size = inp.parameters.binary_data_size if inp.parameters else None
         if inp.name == "image":
             spec = inp
-            raw = binary[offset : offset + size] if size is not None else None
+            # A view, not a copy: a 20 MB tensor is held once, as its body.
+            raw = memoryview(binary)[offset : offset + size] if size is not None else None
         offset += size or 0
     if spec is None:
         raise bad("the request has no input named 'image'")

@@ -129,6 +129,9 @@ class ServiceMetrics:
         self.request_duration = Histogram("segserve_request_duration_seconds", "Time from request to response", ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
         self.stage_duration = Histogram("segserve_stage_duration_seconds", "Time per pipeline stage", ["model", "stage"], buckets=STAGE_BUCKETS, registry=r)
         self.inflight = Gauge("segserve_inflight_requests", "Requests being handled", registry=r)
+        # Request bodies being received or held (HTTP and gRPC), against their budget: memory under a crowd of uploads.
+        self.inflight_body_bytes = Gauge("segserve_inflight_body_bytes", "Bytes of request bodies being received or held now", registry=r)
+        self.body_budget_bytes = Gauge("segserve_body_budget_bytes", "The budget of request-body bytes in flight (max_inflight_body_bytes)", registry=r)
         self.image_pixels = Histogram("segserve_image_pixels", "Decoded image size in pixels", buckets=PIXEL_BUCKETS, registry=r)
         self.rejected = Counter("segserve_rejected_total", "Requests refused before inference", ["reason"], registry=r)
         # What was done to each image: run at its own size (native) or scaled (fit), whole or in tiles.

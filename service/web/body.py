@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from segserve.service.errors import ServiceError
+from segserve.service.intake import BodyLease
 
 RAW_TYPES = ("image/", "application/octet-stream")
 # RFC 9110 media type: type "/" subtype, each a token.
@@ -22,7 +23,11 @@ MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
 async def read_capped(request: Request, limit: int, deadline: float, idle_s: float = 10.0) -> bytes:
     """The whole body, refusing (413) as soon as it passes `limit`, and (408) when it has not
     all come by the request's deadline or the client is silent for `idle_s`. A too-large
-    body is never held whole, whether Content-Length says so or a chunked body grows."""
+    body is never held whole, whether Content-Length says so or a chunked body grows. Its
+    bytes are taken from the body budget first (the request's lease, web/middleware.py): the
+    declared length before a byte is read, a body without one chunk by chunk (503 when no
+    room comes in time, service/intake.py)."""
+    lease: BodyLease | None = request.scope.get("state", {}).get("body_lease")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
@@ -33,6 +38,8 @@ async def read_capped(request: Request, limit: int, deadline: float, idle_s: flo
                 f"body of {declared} bytes is over the {limit}-byte limit",
                 reason="body_too_large",
             )
+        if lease is not None:
+            await lease.take(int(declared), deadline - time.monotonic())
     chunks, size = [], 0
     stream = request.stream()
     while True:
@@ -48,6 +55,8 @@ async def read_capped(request: Request, limit: int, deadline: float, idle_s: flo
         size += len(chunk)
         if size > limit:
             raise ServiceError(413, f"body is over the {limit}-byte limit", reason="body_too_large")
+        if lease is not None and declared is None:
+            await lease.take(len(chunk), deadline - time.monotonic())
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from segserve.service.errors import error_json
+from segserve.service.intake import BodyLease
 from segserve.service.telemetry.clock import Timings
 from segserve.service.telemetry.logs import FIELDS
 from segserve.service.telemetry.prometheus import ServiceMetrics
@@ -145,3 +146,30 @@ class RequestMiddleware:
                         **timings.notes,
                     },
                 )
+
+
+class BodyLeases:
+    """Each HTTP request's share of the body budget (service/intake.py) is in its state while
+    it runs (web/body.py takes from it before reading) and is given back once its answer is
+    sent. A request refused for want of room closes its connection: what its client goes on
+    sending is never read."""
+
+    def __init__(self, app: ASGIApp, lease: Callable[[], BodyLease]) -> None:
+        self.app, self.lease = app, lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        lease = self.lease()
+        scope.setdefault("state", {})["body_lease"] = lease
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start" and lease.refused:
+                headers = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            lease.release()
