@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(REPOSITORY)/unet-shapes
 
-.PHONY: setup tools run test test-slow test-images test-fleet lock screenshots lint bootstrap bench-peers bench-paper bench-auto clean
+.PHONY: setup tools run test test-slow test-images test-fleet test-batch lock screenshots lint bootstrap bench-peers bench-paper bench-auto bench-batch clean
 
 # torch and torchvision go through pip on their own, pinned: pip takes them from this
 # machine's disk; the rest of the project installs with its train and dev extras.
@@ -69,6 +69,17 @@ lock: setup
 test-fleet: setup tools
 	$(PY) -m pytest -m fleet tests/test_fleet.py -v -p no:cacheprovider
 	@cat .bench/fleet-report.json
+
+# segserve batch on real Ray clusters on this machine: the driver SIGKILLed mid-job and the
+# command run again, a worker node removed mid-job; each ends with every input exactly once.
+# About two minutes.
+test-batch: setup
+	$(PY) -m pytest -m batch tests/test_batch_cluster.py -v -p no:cacheprovider
+
+# segserve batch against bare session.run on 2,000 images, and its peak memory
+# (docs/benchmarks.md, "segserve batch"). About 15 minutes on two cores.
+bench-batch: setup
+	$(PY) -m bench.batch_speed --images 2000 --out docs/bench
 
 # The browser tests against the default model, saving what chromium showed into docs/images
 # (the pictures the README shows).

@@ -26,7 +26,10 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "docker" / "requirements-serve.txt"
 EXTRAS = "grpc,tracing"  # what the images serve with: gRPC on 8001, traces when OTEL_* ask
-CPU_EXTRAS = "openvino"  # the CPU image's alone: OpenVINO's bf16 and int8 on the CPU
+# The CPU image's alone: OpenVINO's bf16 and int8 (installed by default), and Ray Data for
+# `segserve batch` on a cluster (built with --build-arg EXTRAS=grpc,tracing,openvino,ray).
+CPU_EXTRAS = "openvino,ray"
+CPU_SECTION, GPU_SECTION = "# CPU image", "# GPU image"  # Dockerfile.gpu drops the first
 
 HEADER = """\
 # Every Python package the images install, pinned: segserve's serving dependencies with the
@@ -77,10 +80,10 @@ def main() -> None:
     gpu_only = {name: v for name, v in gpu.items() if name not in serve}
     lines = [HEADER.format(extras=" and ".join(EXTRAS.split(",")))]
     lines += [f"{n}=={v}\n" for n, v in sorted(serve.items()) if n != "onnxruntime"]
-    lines += ["# onnxruntime, CPU image\n", f"onnxruntime=={serve['onnxruntime']}\n"]
-    lines += [f"# the {CPU_EXTRAS} extra, CPU image\n"]
+    lines += [f"{CPU_SECTION}: onnxruntime, and the {CPU_EXTRAS} extras\n"]
+    lines += [f"onnxruntime=={serve['onnxruntime']}\n"]
     lines += [f"{n}=={v}\n" for n, v in sorted(cpu_only.items())]
-    lines += ["# onnxruntime-gpu[cuda,cudnn], GPU image\n"]
+    lines += [f"{GPU_SECTION}: onnxruntime-gpu[cuda,cudnn]\n"]
     lines += [f"{n}=={v}\n" for n, v in sorted(gpu_only.items())]
     LOCK.write_text("".join(lines))
     print(f"{LOCK.relative_to(ROOT)}: {len(serve) + len(cpu_only) + len(gpu_only)} pins")

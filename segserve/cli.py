@@ -643,6 +643,63 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_batch(sub: Subcommands) -> None:
+    help = "segment a data set as a job: one output per input, a Parquet manifest, resumable"
+    p = command(sub, "batch", run_batch, help)
+    p.add_argument(
+        "input",
+        help="a folder (every image below it), a glob, or a CSV/Parquet manifest with a "
+        "'path' column; local paths or fsspec URLs (s3://..., gs://...)",
+    )
+    p.add_argument("--model", required=True, type=Path, help="a version's model.onnx (its variants beside it) or any ONNX file with a card")  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, help="the output folder (shared by every node of a cluster)")  # fmt: skip
+    p.add_argument("--format", choices=("png", "overlay", "json"), default="png",
+                   help="as /segment's format: label PNG, overlay PNG, or the JSON answer")  # fmt: skip
+    p.add_argument("--scale", choices=SCALE_POLICIES, default=None, help="default: the card's")
+    add_variant_option(p)
+    p.add_argument("--engine", choices=("auto", "ray", "local"), default="auto",
+                   help="auto: Ray Data on the cluster --ray-address (or RAY_ADDRESS) names, "
+                   "else this process; ray: a local Ray when no cluster is named")  # fmt: skip
+    p.add_argument("--ray-address", default=None,
+                   help="a Ray cluster's address (default: $RAY_ADDRESS, else a local Ray)")  # fmt: skip
+    p.add_argument("--actors", type=int, default=None, help="Ray actors (default: the cluster's cores / --threads)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, help="images at once per actor (default: the smallest node's cores, at most 4; local: the cores)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8, help="images per Ray Data batch")
+    p.add_argument("--overwrite", action="store_true", help="replace another model's outputs in --out")  # fmt: skip
+    p.add_argument("--max-error-rate", type=float, default=0.01, help="exit 2 if a larger share of the inputs failed")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Every input gets one output at its relative path (extension .png; _overlay.png or
+    .json for the other formats), written under a temporary name and renamed, and one row in
+    OUT/manifest.parquet (id, input, output, size, model, version, model sha256, the variant
+    that served it, status, error, ms). Run it again to finish a stopped job: inputs whose
+    output exists with a row of the same model are skipped. A bad input is an error row; the
+    job goes on. The same decode limits, scale policy, tiles and variant choice as POST
+    /segment and segserve predict (SEGSERVE_* settings apply)."""
+    import os
+
+    from segserve.batch.job import BatchJob
+    from segserve.batch.job import run_batch as run
+
+    job = BatchJob(
+        args.input, args.model, args.out, args.format, args.scale, args.engine,
+        args.ray_address or os.environ.get("RAY_ADDRESS"), args.actors, args.threads,
+        args.batch_size, args.overwrite, args.max_error_rate, not args.no_progress,
+    )  # fmt: skip
+    result = run(job, settings_from(args))
+    print(result.line())
+    if result.error_rate > args.max_error_rate:
+        print(
+            f"segserve batch: {result.error_rate:.2%} of the inputs failed, over the "
+            f"{args.max_error_rate:.2%} allowed (--max-error-rate); see {args.out}/manifest.parquet",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
 def add_serve(sub: Subcommands) -> None:
     p = command(sub, "serve", run_serve, "serve the model repository over HTTP")
     p.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: every one)")
@@ -833,6 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_quantize,
         add_import,
         add_predict,
+        add_batch,
         add_serve,
         add_bench,
         add_init,

@@ -20,6 +20,9 @@ os.environ.setdefault("SEGSERVE_TILE_SIZE", "320")
 # candidate runtime x arithmetic at each start (tests/test_selection.py is where it is
 # tested), seconds the suite would spend again in every `segserve predict` it runs.
 os.environ.setdefault("SEGSERVE_VARIANT", "float32")
+# What `segserve predict` and `segserve batch` warm a model on in the tests (the servers the
+# tests start say 64x64 themselves): the default 512x512 and 375x500 cost each load a second.
+os.environ.setdefault("SEGSERVE_WARMUP_SHAPES", "64x64")
 
 
 @pytest.fixture(scope="session")

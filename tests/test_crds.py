@@ -89,6 +89,7 @@ def test_the_shipped_custom_resources_are_the_ones_we_hold_crds_for():
         "InferenceService",
         "MetricTemplate",
         "MetricTemplate",
+        "RayJob",
         "ScaledObject",
         "ServiceMonitor",
     ]
@@ -169,3 +170,24 @@ def test_free_form_maps_stay_free():
     scaled = by_kind("ScaledObject")
     scaled["spec"]["triggers"][0]["metadata"]["ignoreNullValues"] = "false"
     assert errors(scaled) == []
+
+
+def test_the_batch_rayjob_runs_segserve_batch_on_the_cpu_image_and_cleans_up_after_itself():
+    job = by_kind("RayJob")
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("segserve batch ")
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    cluster = spec["rayClusterSpec"]
+    pods = [
+        cluster["headGroupSpec"]["template"],
+        *(g["template"] for g in cluster["workerGroupSpecs"]),
+    ]
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        assert container["image"].startswith("segserve:cpu") and container["resources"]["limits"]
+    broken = copy.deepcopy(job)
+    rename(broken["spec"], "shutdownAfterJobFinishes", "shutdownAfterJobFinish")
+    assert any("shutdownAfterJobFinish" in e for e in errors(broken))
+    broken = copy.deepcopy(job)
+    broken["spec"]["ttlSecondsAfterFinished"] = "an hour"  # an integer, says the CRD
+    assert any("ttlSecondsAfterFinished" in e for e in errors(broken))

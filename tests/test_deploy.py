@@ -160,7 +160,7 @@ def test_every_way_to_run_the_image_exposes_its_grpc_port_and_leaves_tracing_off
         assert re.search(r"^\s+SEGSERVE_GRPC_PORT=8001 ", text, re.M), name
         assert re.search(r"^EXPOSE 8000 8001$", text, re.M), name
     cpu = (DOCKER / "Dockerfile.cpu").read_text()
-    assert '"/src[grpc,tracing,openvino]"' in cpu
+    assert "ARG EXTRAS=grpc,tracing,openvino\n" in cpu and '"/src[${EXTRAS}]"' in cpu
     lock = (DOCKER / "requirements-serve.txt").read_text()
     for dist in ("grpcio", "grpcio-health-checking", "opentelemetry-sdk",
                  "opentelemetry-exporter-otlp-proto-http"):  # fmt: skip
@@ -334,7 +334,8 @@ def test_the_lock_pins_every_serving_dependency_and_the_extras_the_images_carry(
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    needed = [*project["dependencies"], *extras["grpc"], *extras["tracing"], *extras["openvino"]]
+    needed = [project["dependencies"], *(extras[e] for e in ("grpc", "tracing", "openvino", "ray"))]
+    needed = [line for group in needed for line in group]
     lock = (DOCKER / "requirements-serve.txt").read_text()
     pins = {norm(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.M)}
     for line in needed:

@@ -400,7 +400,7 @@ def select_for_file(model: Path, s: Settings) -> Selection:
     model = Path(model)
     in_version = model.name == MODEL_FILE
     check = None
-    if in_version:
+    if in_version and s.variant != "float32":  # the version's own needs no check set
         try:
             check = load_check_set(model.parent.parent)
         except (OSError, ValueError) as exc:
