@@ -172,7 +172,7 @@ def test_grpc_messages_share_the_budget_and_are_refused_before_they_are_read(
     request = infer_request("tiny", pixels)
 
     async def main():
-        holding = slow_uploads(server, 3, 50_000)
+        holding = slow_uploads(server, 3, 100_000)  # 2 s each: past the 1 s wait
         await asyncio.sleep(0.6)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
