@@ -169,7 +169,13 @@ def test_a_40_megapixel_image_is_answered_by_a_default_server_within_a_gibibyte(
         "tile_size": None,
     }
     with run_server(tmp_path / "repo", tmp_path, **defaults) as server, server.client() as c:
-        r = c.post("/segment", content=buffer.getvalue(), headers={"Content-Type": "image/jpeg"})
+        # The client waits as long as the server gives the request: 30 s and 2 s a megapixel.
+        r = c.post(
+            "/segment",
+            content=buffer.getvalue(),
+            headers={"Content-Type": "image/jpeg"},
+            timeout=30 + 2 * 45,
+        )
         assert r.status_code == 200, r.text
         assert Image.open(io.BytesIO(r.content)).size == (7296, 5472)
         assert r.headers["x-scale"] == "native" and int(r.headers["x-tiles"]) > 50

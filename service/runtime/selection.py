@@ -254,7 +254,8 @@ def select_variant(
     timing = time_rounds(
         {n: e.segment for n, e in timed.items()},
         work,
-        s.variant_rounds if len(timed) > 1 else 1,
+        # Alone it is timed twice all the same: its runs seed the cost model (the fastest).
+        s.variant_rounds if len(timed) > 1 else min(2, s.variant_rounds),
         own_name,
         s.variant_budget_s,
     )
