@@ -151,6 +151,18 @@ def test_compose_is_hardened_and_monitoring_is_independent_and_local():
     assert "/readyz" in json.dumps(gpu["segserve"]["healthcheck"]["test"])
 
 
+def test_each_image_copies_every_source_folder_the_package_is_built_from():
+    """The images pip-install /src: a folder pyproject maps to a package but the Dockerfile
+    does not copy fails the build ("package directory 'batch' does not exist" once)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    folders = set(project["tool"]["setuptools"]["package-dir"].values())
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        copied = set(re.findall(r"^COPY (\S+) /src/\1$", (DOCKER / name).read_text(), re.M))
+        assert folders <= copied, (name, sorted(folders - copied))
+
+
 def test_every_way_to_run_the_image_exposes_its_grpc_port_and_leaves_tracing_off():
     """The images listen for gRPC on 8001 (SEGSERVE_GRPC_PORT); compose publishes it, the
     Deployment and its Service name it, KServe's predictor lists it. Tracing is off unless
