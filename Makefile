@@ -47,9 +47,9 @@ test: setup tools
 
 # The slow real checks kept out of `make test`: FCN-8s (134 M parameters) exported with its
 # parity gate, the FCNs' forward checks, the networks on the paper's 500x375 inputs, large
-# images in tiles (over HTTP and in the browser), and DDP launched by torchrun itself (make
-# test starts the two workers with torchrun's environment). About four minutes on two AVX2
-# cores.
+# images in tiles (over HTTP and in the browser), DDP launched by torchrun itself (make
+# test starts the two workers with torchrun's environment), and a crowd of 20 MB uploads
+# against a default server. About seven minutes on two AVX2 cores.
 test-slow: setup tools
 	$(PY) -m pytest -q -m slow -p no:cacheprovider
 

@@ -56,9 +56,11 @@ class Docker:
         )
 
 
-def build(docker: Docker, base: str, dockerfile: str, tag: str) -> dict:
-    """Build and describe an image: its tag, size and build time."""
+def build(docker: Docker, base: str, dockerfile: str, tag: str, extras: str | None = None) -> dict:
+    """Build and describe an image: its tag, size and build time. `extras`: the EXTRAS
+    build argument (the Dockerfile's default without it)."""
     t0 = time.monotonic()
+    args = ["--build-arg", f"EXTRAS={extras}"] if extras else []
     result = docker(
         "build",
         "--network=host",
@@ -66,6 +68,7 @@ def build(docker: Docker, base: str, dockerfile: str, tag: str) -> dict:
         dockerfile,
         "--build-arg",
         f"BASE={base}",
+        *args,
         "-t",
         tag,
         str(ROOT),

@@ -1,8 +1,9 @@
 """The images, built and run: the CPU image serves read-only, non-root, without
 capabilities, answers gRPC and exports traces when OTEL_* ask, drains on SIGTERM and runs
-the shipped monitoring without an alert; the GPU
-image's CUDA library chain resolves but for the driver, and it refuses to start on CUDA
-without one. Run by `make test-images`; figures go to .bench/images-report.json."""
+the shipped monitoring without an alert; built with the ray extra, it runs `segserve batch`
+on a Ray cluster as KubeRay starts it; the GPU image's CUDA library chain resolves but for
+the driver, and it refuses to start on CUDA without one. Run by `make test-images`; figures
+go to .bench/images-report.json."""
 
 from __future__ import annotations
 
@@ -58,6 +59,20 @@ def models(tiny_repository) -> Path:
 def cpu_image(docker, base_image) -> dict:
     info = build(docker, base_image, "docker/Dockerfile.cpu", "segserve:cpu-test")
     report(cpu_image=info)
+    return info
+
+
+@pytest.fixture(scope="module")
+def cpu_ray_image(docker, base_image) -> dict:
+    """The CPU image as deploy/ray/rayjob.yaml runs it: built with the ray extra."""
+    info = build(
+        docker,
+        base_image,
+        "docker/Dockerfile.cpu",
+        "segserve:cpu-ray-test",
+        extras="grpc,tracing,openvino,ray",
+    )
+    report(cpu_ray_image=info)
     return info
 
 
@@ -354,3 +369,67 @@ def test_the_gpu_image_refuses_to_serve_on_cuda_without_a_driver(docker, gpu_ima
             "message": next(line for line in output.splitlines() if "did not load" in line),
         }
     )
+
+
+def test_the_cpu_image_with_the_ray_extra_runs_segserve_batch_on_a_ray_cluster_in_it(
+    docker, cpu_ray_image, models
+):
+    """As KubeRay runs the image (its own command in a login shell, `bash -lc`, not the
+    image's entrypoint): `ray start --head`, then `segserve batch` as the driver on that
+    cluster. Every input gets its
+    label PNG at its relative path and one manifest row, served on Ray."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    inputs, out = CACHE / "images-batch-in", CACHE / "images-batch-out"
+    for folder in (inputs, out):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    sizes = {"a.png": (48, 64), "b.jpg": (70, 50), "sub/c.png": (96, 96), "sub/d.jpg": (33, 41)}
+    for i, (name, (h, w)) in enumerate(sizes.items()):
+        (inputs / name).parent.mkdir(exist_ok=True)
+        fmt = "JPEG" if name.endswith(".jpg") else "PNG"
+        (inputs / name).write_bytes(image_bytes(h, w, fmt, seed=i))
+    for path in [inputs, *inputs.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    out.chmod(0o777)  # the image's uid 10001 writes there
+    port = free_port()
+    script = (
+        f"ray start --head --port={port} --num-cpus=2 --include-dashboard=false "
+        "--disable-usage-stats >/dev/null && "
+        "segserve batch /data/input --model /models/tiny/2/model.onnx --out /data/out "
+        f"--ray-address 127.0.0.1:{port} --no-progress; code=$?; ray stop >/dev/null; exit $code"
+    )
+    result = docker(
+        "run",
+        "--rm",
+        "--network=host",
+        "--shm-size=512m",
+        "--entrypoint",
+        "/bin/bash",
+        "-v",
+        f"{models}:/models:ro",
+        "-v",
+        f"{inputs}:/data/input:ro",
+        "-v",
+        f"{out}:/data/out",
+        "-e",
+        "SEGSERVE_WARMUP_SHAPES=32x32",
+        cpu_ray_image["tag"],
+        "-lc",
+        script,
+        check=False,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    closing = [line for line in output.splitlines() if "images in" in line]
+    assert closing and "ray" in closing[-1] and "0 errors of 4 inputs" in closing[-1], closing
+    for name, (h, w) in sizes.items():
+        png = out / Path(name).with_suffix(".png")
+        with Image.open(png) as image:
+            assert image.size == (w, h) and image.mode in ("L", "P"), name
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(sizes)
+    assert {r["status"] for r in rows} == {"ok"}
+    report(cpu_ray_batch={"closing_line": closing[-1]})
