@@ -157,10 +157,7 @@ class InferenceService:
                     self._decode_sync, blobs, model, timings, lease, plan, checked
                 )
             except _CheckFirst as large:  # would the model take it? Before it is decoded.
-                try:
-                    model.batcher.check(large.work, timings.deadline + large.extra_s)
-                except Rejected as exc:
-                    raise _refused(exc) from exc
+                self._check_admission(model, large.sizes, plan, timings)
                 checked = True
             except _NoBudget as short:
                 await self._take(lease, short.pixels, timings)
@@ -189,9 +186,8 @@ class InferenceService:
                 sizes = [(p.height, p.width) for _, p in opened]
                 self.limits.check_pixels(sizes)
                 pixels = sum(h * w for h, w in sizes)
-                work = _work(sizes, plan)
-                if not checked and sum(work) > SMALL_PIXELS:
-                    raise _CheckFirst(work, self._extra_time(sizes, plan))
+                if not checked and sum(_work(sizes, plan)) > SMALL_PIXELS:
+                    raise _CheckFirst(sizes)
                 if lease.held < pixels and not lease.try_take(pixels - lease.held):
                     raise _NoBudget(pixels - lease.held)
                 timings.extend(self._extra_time(sizes, plan))
@@ -218,15 +214,11 @@ class InferenceService:
         """Raw RGB pixels (N x H x W x 3 uint8, one request's) to the model's input."""
         plan = plan or self.scale_plan(model)
         n, h, w = arrays.shape[:3]
-        self.limits.check_pixels([(h, w)] * n)
-        try:  # refused before its pixels are taken and prepared, if the model would refuse it
-            model.batcher.check(
-                _work([(h, w)] * n, plan), timings.deadline + self._extra_time([(h, w)] * n, plan)
-            )
-        except Rejected as exc:
-            raise _refused(exc) from exc
+        sizes = [(h, w)] * n
+        self.limits.check_pixels(sizes)
+        self._check_admission(model, sizes, plan, timings)  # before its pixels are prepared
         await self._take(lease, n * h * w, timings)
-        timings.extend(self._extra_time([(h, w)] * n, plan))
+        timings.extend(self._extra_time(sizes, plan))
         fit_h, fit_w = plan.inference_size((h, w))
         return await asyncio.to_thread(
             lambda: [
@@ -234,6 +226,17 @@ class InferenceService:
                 for a in arrays
             ]
         )
+
+    def _check_admission(
+        self, model: ServedModel, sizes: list[tuple[int, int]], plan: ScalePlan, timings: Timings
+    ) -> None:
+        """Refuse now (503) images the batcher would refuse anyway once they are prepared:
+        their runs' pixels, by the deadline they will be given."""
+        deadline = timings.deadline + self._extra_time(sizes, plan)
+        try:
+            model.batcher.check(_work(sizes, plan), deadline)
+        except Rejected as exc:
+            raise _refused(exc) from exc
 
     def _extra_time(self, sizes: list[tuple[int, int]], plan: ScalePlan) -> float:
         """What a large image adds to its deadline: `timeout_s_per_megapixel` per megapixel
@@ -502,11 +505,11 @@ def _work(sizes: list[tuple[int, int]], plan: ScalePlan) -> list[int]:
 
 
 class _CheckFirst(Exception):
-    """Large work: ask the batcher on the event loop before decoding."""
+    """Large work: ask the batcher on the event loop before decoding images of `sizes`."""
 
-    def __init__(self, work: list[int], extra_s: float) -> None:
-        super().__init__(sum(work))
-        self.work, self.extra_s = work, extra_s
+    def __init__(self, sizes: list[tuple[int, int]]) -> None:
+        super().__init__(sizes)
+        self.sizes = sizes
 
 
 class _NoBudget(Exception):
