@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from segserve.batch.inputs import Item
 from segserve.batch.worker import Segmenter
@@ -99,9 +99,7 @@ def run_ray(
     nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     pool = Pool.for_cluster(nodes, actors, threads)
     log.info("Ray cluster of %d nodes, %s CPUs: %s", len(nodes), sum(nodes), pool)
-    logging.getLogger("ray.data").setLevel(
-        logging.WARNING
-    )  # its plans and timings: ours say enough
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its plans: ours say enough
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the job has its own
     context.execution_options.preserve_order = False
@@ -113,10 +111,7 @@ def run_ray(
     )
     done = dataset.map_batches(
         Segmenter,
-        fn_constructor_kwargs={
-            "model": spec.model, "out": spec.out, "fmt": spec.fmt, "scale": spec.scale,
-            "settings": spec.settings, "threads": pool.threads,
-        },
+        fn_constructor_kwargs={**asdict(spec), "threads": pool.threads},
         batch_size=batch_size,
         batch_format="numpy",
         # Ray Data's actors restart when lost (max_restarts -1) and the batch an actor held
