@@ -62,8 +62,11 @@ NAIVE = [sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--log-level
 
 
 @contextmanager
-def running(cmd: list[str], port: int, env: dict, log: Path) -> Iterator[subprocess.Popen]:
-    """A server process on `port`, up (its /metrics answers) for the block, then stopped."""
+def running(
+    cmd: list[str], port: int, env: dict, log: Path, up: str = "/metrics", timeout_s: float = 180
+) -> Iterator[subprocess.Popen]:
+    """A server process on `port`, up (its `up` path answers within `timeout_s`) for the
+    block, then stopped."""
     proc = subprocess.Popen(
         [*cmd, "--port", str(port)],
         cwd=ROOT,
@@ -72,7 +75,7 @@ def running(cmd: list[str], port: int, env: dict, log: Path) -> Iterator[subproc
         stderr=subprocess.STDOUT,
     )
     try:
-        loadgen.wait_until_up(f"http://127.0.0.1:{port}/metrics", proc, 180, log)
+        loadgen.wait_until_up(f"http://127.0.0.1:{port}{up}", proc, timeout_s, log)
         yield proc
     finally:
         proc.terminate()

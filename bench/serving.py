@@ -4,8 +4,6 @@ once /readyz answers, its /models detail at hand, stopped at the end of the bloc
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,9 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from segserve import loadgen
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.compare import SEGSERVE, running
 
 
 @dataclass
@@ -32,17 +28,8 @@ class Served:
 @contextmanager
 def serving(repository: Path, env: dict[str, str], log: Path) -> Iterator[Served]:
     port = 18500 + os.getpid() % 500
-    command = [sys.executable, "-m", "segserve.cli", "serve", "--repository", str(repository),
-               "--port", str(port)]  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, "SEGSERVE_REPOSITORY_POLL_S": "0", **env},
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        loadgen.wait_until_up(f"{url}/readyz", proc, 1800, log)
-        yield Served(url, proc.pid, time.perf_counter() - t0)
-    finally:
-        proc.terminate()
-        proc.wait(120)
+    command = [*SEGSERVE, "--repository", str(repository)]
+    env = {"SEGSERVE_REPOSITORY_POLL_S": "0", **env}
+    t0 = time.perf_counter()  # loading a version and choosing its variant: minutes for FCN-8s
+    with running(command, port, env, log, up="/readyz", timeout_s=1800) as proc:
+        yield Served(f"http://127.0.0.1:{port}", proc.pid, time.perf_counter() - t0)
