@@ -168,7 +168,7 @@ def plot(result: dict, path: Path, budget_mb: float) -> None:
 
 
 def main() -> None:
-    from bench.compare import start
+    from bench.compare import SEGSERVE, running
 
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,14 +182,8 @@ def main() -> None:
     port = 22000 + os.getpid() % 1000
     env = {"SEGSERVE_REPOSITORY": str(args.repository), **dict(e.split("=", 1) for e in args.env)}
     log = Path(tempfile.mkdtemp()) / "soak-server.log"
-    proc = start(
-        [sys.executable, "-m", "segserve.cli", "serve", "--port", str(port)], port, env, log
-    )
-    try:
+    with running(SEGSERVE, port, env, log) as proc:
         result = soak(f"http://127.0.0.1:{port}", proc.pid, args.requests, args.concurrency)
-    finally:
-        proc.terminate()
-        proc.wait(60)
     result["settings"] = env
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
